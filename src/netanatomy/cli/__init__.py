@@ -1,0 +1,1 @@
+"""Thin command-line shells over the library; see `netanatomy --help`."""

@@ -1,0 +1,46 @@
+"""Options shared by commands, and the one way results are printed."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ..util.io import dumps
+
+
+def json_option(f: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(f)
+
+
+def device_option(f: Callable) -> Callable:
+    return click.option("--device", default="cpu", show_default=True,
+                        help="Torch device: cpu, cuda, cuda:N or auto.")(f)
+
+
+def seed_option(f: Callable) -> Callable:
+    return click.option("--seed", default=0, show_default=True, type=int,
+                        help="Seed for every random choice; the same seed gives the same numbers.")(f)
+
+
+def model_argument(f: Callable) -> Callable:
+    f = click.option("--weights", "weights", default=None, metavar="FILE",
+                     help="State dict to load (.pt/.pth loaded weights-only, or .safetensors); strict.")(f)
+    f = click.option("--model-arg", "model_args", multiple=True, metavar="KEY=VALUE",
+                     help="Keyword argument for the model factory (repeatable), e.g. --model-arg width=64.")(f)
+    return click.argument("model", metavar="MODEL")(f)
+
+
+def emit(result: Any, as_json: bool, human: Callable[[Any], str] | str | None = None) -> None:
+    """Print `result` as JSON, or as the human text `human` makes of it."""
+    if as_json:
+        sys.stdout.write(dumps(result) + "\n")
+        return
+    if human is None:
+        sys.stdout.write(dumps(result) + "\n")
+    elif callable(human):
+        sys.stdout.write(human(result).rstrip("\n") + "\n")
+    else:
+        sys.stdout.write(str(human).rstrip("\n") + "\n")
+    sys.stdout.flush()
