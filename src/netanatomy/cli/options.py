@@ -44,3 +44,56 @@ def emit(result: Any, as_json: bool, human: Callable[[Any], str] | str | None = 
     else:
         sys.stdout.write(str(human).rstrip("\n") + "\n")
     sys.stdout.flush()
+
+
+def input_shape_option(f: Callable) -> Callable:
+    return click.option("--input-shape", "input_shape", default=None, metavar="C,H,W",
+                        help="Input shape when the model does not declare one (e.g. 3,224,224).")(f)
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a shape like 3,224,224", param_hint="--input-shape") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise click.BadParameter(f"{text!r} is not a shape like 3,224,224", param_hint="--input-shape")
+    return shape
+
+
+def load_cli_model(model: str, weights: str | None, model_args: tuple[str, ...], device: str = "cpu",
+                   input_shape: str | None = None):
+    """Load a model as every command does, with --input-shape overriding what the model declares."""
+    from ..models import load_model
+
+    loaded = load_model(model, weights=weights, model_args=model_args, device=device)
+    shape = parse_shape(input_shape)
+    if shape is not None:
+        loaded.input_shape = shape
+    return loaded
+
+
+def parse_units(text: str | None, count: int) -> list[int]:
+    """'0-63', '1,5,9', '0-3,10' -> unit indices, checked against the layer's `count` units."""
+    if not text:
+        return list(range(count))
+    units: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                units.extend(range(lo, hi + 1))
+            else:
+                units.append(int(part))
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not a unit list like 0-63 or 1,5,9", param_hint="--units") from None
+    bad = [u for u in units if u < 0 or u >= count]
+    if bad:
+        raise click.BadParameter(f"unit {bad[0]} is out of range: the layer has {count} units (0-{count - 1})",
+                                 param_hint="--units")
+    return units

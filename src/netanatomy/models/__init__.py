@@ -1,0 +1,14 @@
+"""Adapters from model sources to analyzable modules: loading, weights, layers and branches."""
+from .source import LoadedModel, add_normalization, load_model, parse_model_args
+from .weights import apply_state_dict, load_weights, read_state_dict, save_state_dict
+
+__all__ = [
+    "LoadedModel",
+    "add_normalization",
+    "apply_state_dict",
+    "load_model",
+    "load_weights",
+    "parse_model_args",
+    "read_state_dict",
+    "save_state_dict",
+]
