@@ -51,11 +51,17 @@ def _read_torch(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(
-            f"refused to load {path}: it holds Python objects that would run code when unpickled "
-            f"(only tensors and plain containers are allowed; {first})"
-        ) from exc
+        text = str(exc)
+        glob = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), None)
+        if glob is not None:
+            raise UsageError(
+                f"refused to load {path}: it holds Python objects that would run code when unpickled "
+                f"(only tensors and plain containers are allowed: {glob.rstrip('.')})"
+            ) from exc
+        detail = next((line.strip() for line in text.splitlines()
+                       if line.strip() and "Weights only" not in line and "issue" not in line
+                       and "documentation" not in line and "WeightsUnpickler" not in line), type(exc).__name__)
+        raise UsageError(f"{path} is not a readable PyTorch state dict ({detail})") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as exc:
         raise UsageError(f"{path} is not a readable PyTorch state dict: {' '.join(str(exc).split())[:200]}") from exc
 

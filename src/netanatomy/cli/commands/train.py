@@ -1,0 +1,62 @@
+"""`netanatomy train MODEL --data DATA --epochs N --out FILE`: seeded, checkpointed, resumable."""
+from __future__ import annotations
+
+import shlex
+import sys
+
+import click
+
+from ..options import device_option, emit, json_option, load_cli_model, model_argument, seed_option
+
+
+@click.command("train")
+@model_argument
+@click.option("--data", required=True, metavar="DATA", help="Training data set, e.g. fashion-mnist or cifar10:DIR.")
+@click.option("--test-data", default=None, metavar="DATA", help="Test data set (default: the test split of --data).")
+@click.option("--epochs", type=click.IntRange(1), required=True, help="Number of epochs (a re-run continues to it).")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Weights file (.pt or .safetensors).")
+@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
+@click.option("--lr", type=float, default=None, help="Learning rate [default: 0.05 SGD, 0.001 Adam].")
+@click.option("--weight-decay", type=float, default=None, help="[default: 5e-4 SGD, 0 Adam]")
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "step", "none"]), default="cosine", show_default=True)
+@click.option("--augment/--no-augment", default=False, show_default=True, help="Random shifts by up to 1/8 of the side.")
+@click.option("--flip/--no-flip", default=False, show_default=True, help="With --augment: random horizontal flips.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N training examples.")
+@click.option("--restart", is_flag=True, help="Ignore an existing checkpoint and start again.")
+@seed_option
+@device_option
+@json_option
+def command(model, weights, model_args, data, test_data, epochs, out, optimizer, lr, weight_decay, batch_size,
+            schedule, augment, flip, limit, restart, seed, device, as_json) -> None:
+    """Train MODEL on DATA, writing OUT after every epoch and resuming from it when re-run."""
+    from pathlib import Path
+
+    from ...data import open_dataset
+    from ...training import TrainConfig, train
+
+    loaded = load_cli_model(model, weights, model_args, device)
+    train_ds = open_dataset(data, "train", limit=limit, seed=seed)
+    test_ds = open_dataset(test_data or data, "test", seed=seed)
+    if restart:
+        Path(out + ".resume.pt").unlink(missing_ok=True)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+                      schedule=schedule, augment=augment, flip=flip, seed=seed)
+    meta = {"model": model, "model_args": list(model_args), "data": data, "test_data": test_data or data,
+            "limit": limit, "command": "netanatomy " + shlex.join(sys.argv[1:]) if sys.argv else ""}
+    result = train(loaded.module, train_ds, test_ds, cfg, out, device=device, meta=meta,
+                   num_classes=loaded.num_classes)
+    summary = {
+        "model": model, "data": data, "weights": result.weights, "epochs": result.epochs_done,
+        "resumed_from_epoch": result.resumed_from, "test_accuracy": result.test_accuracy,
+        "per_class_accuracy": result.per_class_accuracy, "history": result.history, "seconds": result.seconds,
+    }
+
+    def human(s):
+        head = f"trained {model} on {data} for {s['epochs']} epochs"
+        if s["resumed_from_epoch"]:
+            head += f" (resumed after epoch {s['resumed_from_epoch']})"
+        acc = s["test_accuracy"]
+        return f"{head}\ntest accuracy: {acc:.4f}\nweights: {s['weights']}" if acc is not None else head
+
+    emit(summary, as_json, human)
