@@ -79,6 +79,10 @@ def _batches(data, batch_size: int) -> Iterable:
     if isinstance(data, torch.Tensor):  # a tensor of inputs: consecutive batches of it
         return (data[i:i + batch_size] for i in range(0, data.shape[0], batch_size))
     if isinstance(data, Dataset) and not isinstance(data, DataLoader):
+        from ..data import ImageDataset, make_loader
+
+        if isinstance(data, ImageDataset):  # batches are sliced from memory, not collated item by item
+            return make_loader(data, batch_size=batch_size, shuffle=False)
         return DataLoader(data, batch_size=batch_size, shuffle=False)
     return data
 

@@ -202,7 +202,7 @@ def train(model: nn.Module, train_data, test_data, config: TrainConfig, out: str
             loss.backward()
             opt.step()
             step += 1
-            total_loss += float(loss) * xb.shape[0]
+            total_loss += loss.item() * xb.shape[0]
             total_correct += int((logits.argmax(1) == yb).sum())
             seen += xb.shape[0]
             if b % 20 == 0:
