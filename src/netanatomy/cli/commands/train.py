@@ -11,7 +11,7 @@ from ..options import device_option, emit, json_option, load_cli_model, model_ar
 
 @click.command("train")
 @model_argument
-@click.option("--data", required=True, metavar="DATA", help="Training data set, e.g. fashion-mnist or cifar10:DIR.")
+@click.option("--data", required=True, metavar="DATA", help="Training data set, e.g. fashion-mnist or cifar10:DIR (see `netanatomy data`).")
 @click.option("--test-data", default=None, metavar="DATA", help="Test data set (default: the test split of --data).")
 @click.option("--epochs", type=click.IntRange(1), required=True, help="Number of epochs (a re-run continues to it).")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Weights file (.pt or .safetensors).")
