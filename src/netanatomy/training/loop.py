@@ -39,6 +39,7 @@ class TrainConfig:
     flip: bool = False
     label_smoothing: float = 0.0
     seed: int = 0
+    channels_last: bool | None = None  # None: on for models with 2-d convolutions (up to 2x faster on CPU)
 
     def resolved(self) -> TrainConfig:
         cfg = TrainConfig(**asdict(self))
@@ -141,14 +142,18 @@ def _lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
 
 
 def _fingerprint(cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
-    return {"config": {k: v for k, v in asdict(cfg).items() if k != "epochs"},
+    return {"config": {k: v for k, v in asdict(cfg).items() if k not in ("epochs", "channels_last")},
             "model": meta.get("model"), "data": meta.get("data")}
 
 
 def train(model: nn.Module, train_data, test_data, config: TrainConfig, out: str | Path, *,
           device: str | torch.device = "cpu", resume: bool = True, meta: dict[str, Any] | None = None,
-          num_classes: int | None = None, show_progress: bool = True) -> TrainResult:
-    """Train `model` on `train_data`, test on `test_data` after every epoch, checkpoint to `out`."""
+          num_classes: int | None = None, show_progress: bool = True, stop_after: int | None = None) -> TrainResult:
+    """Train `model` on `train_data`, test on `test_data` after every epoch, checkpoint to `out`.
+
+    `stop_after` ends this call after that many epochs (a later call resumes); re-running with
+    more epochs than were done continues, with the learning-rate schedule of the new total.
+    """
     cfg = config.resolved()
     meta = dict(meta or {})
     out = Path(out)
@@ -157,6 +162,12 @@ def train(model: nn.Module, train_data, test_data, config: TrainConfig, out: str
     resume_path = out.with_name(out.name + ".resume.pt")
     dev = resolve_device(device)
     model.to(dev)
+    channels_last = cfg.channels_last
+    if channels_last is None:
+        channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     x_train, y_train = _as_tensors(train_data)
     x_test, y_test = _as_tensors(test_data) if test_data is not None else (None, None)
     if x_train.shape[0] == 0:
@@ -180,7 +191,8 @@ def train(model: nn.Module, train_data, test_data, config: TrainConfig, out: str
         start_epoch = int(state["epoch"])
     began = time.perf_counter()
     step = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch, cfg.epochs):
+    last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
+    for epoch in range(start_epoch, last_epoch):
         gen = torch_generator(derive(cfg.seed, "epoch", epoch))
         torch.manual_seed(derive(cfg.seed, "dropout", epoch))
         order = torch.randperm(x_train.shape[0], generator=gen)
@@ -193,7 +205,7 @@ def train(model: nn.Module, train_data, test_data, config: TrainConfig, out: str
             xb, yb = x_train[idx], y_train[idx]
             if cfg.augment:
                 xb = _augment(xb, gen, cfg.flip)
-            xb, yb = xb.to(dev), yb.to(dev)
+            xb, yb = xb.to(dev).contiguous(memory_format=memory_format) if xb.dim() == 4 else xb.to(dev), yb.to(dev)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(cfg, step, steps_per_epoch)
             logits = model(xb)
@@ -215,8 +227,10 @@ def train(model: nn.Module, train_data, test_data, config: TrainConfig, out: str
     acc = per_class = None
     if x_test is not None:
         acc, per_class = evaluate(model, x_test, y_test, device=dev, num_classes=classes)
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
     model.eval()
-    return TrainResult(epochs_done=cfg.epochs, test_accuracy=acc, per_class_accuracy=per_class, history=history,
+    return TrainResult(epochs_done=last_epoch, test_accuracy=acc, per_class_accuracy=per_class, history=history,
                        weights=str(out), resumed_from=start_epoch, seconds=time.perf_counter() - began)
 
 

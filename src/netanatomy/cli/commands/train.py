@@ -24,11 +24,13 @@ from ..options import device_option, emit, json_option, load_cli_model, model_ar
 @click.option("--flip/--no-flip", default=False, show_default=True, help="With --augment: random horizontal flips.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N training examples.")
 @click.option("--restart", is_flag=True, help="Ignore an existing checkpoint and start again.")
+@click.option("--stop-after", type=click.IntRange(1), default=None,
+              help="Stop after this many epochs in this run; re-run the same command to go on.")
 @seed_option
 @device_option
 @json_option
 def command(model, weights, model_args, data, test_data, epochs, out, optimizer, lr, weight_decay, batch_size,
-            schedule, augment, flip, limit, restart, seed, device, as_json) -> None:
+            schedule, augment, flip, limit, restart, stop_after, seed, device, as_json) -> None:
     """Train MODEL on DATA, writing OUT after every epoch and resuming from it when re-run."""
     from pathlib import Path
 
@@ -45,7 +47,7 @@ def command(model, weights, model_args, data, test_data, epochs, out, optimizer,
     meta = {"model": model, "model_args": list(model_args), "data": data, "test_data": test_data or data,
             "limit": limit, "command": "netanatomy " + shlex.join(sys.argv[1:]) if sys.argv else ""}
     result = train(loaded.module, train_ds, test_ds, cfg, out, device=device, meta=meta,
-                   num_classes=loaded.num_classes)
+                   num_classes=loaded.num_classes, stop_after=stop_after)
     summary = {
         "model": model, "data": data, "weights": result.weights, "epochs": result.epochs_done,
         "resumed_from_epoch": result.resumed_from, "test_accuracy": result.test_accuracy,
@@ -53,7 +55,7 @@ def command(model, weights, model_args, data, test_data, epochs, out, optimizer,
     }
 
     def human(s):
-        head = f"trained {model} on {data} for {s['epochs']} epochs"
+        head = f"trained {model} on {data}: {s['epochs']} of {epochs} epochs done"
         if s["resumed_from_epoch"]:
             head += f" (resumed after epoch {s['resumed_from_epoch']})"
         acc = s["test_accuracy"]
