@@ -1,0 +1,109 @@
+"""`netanatomy render MODEL --layer L --out DIR`: feature visualizations, one batched optimization."""
+from __future__ import annotations
+
+import re
+import time
+
+import click
+
+from ..options import (
+    device_option,
+    emit,
+    input_shape_option,
+    json_option,
+    load_cli_model,
+    model_argument,
+    parse_units,
+    seed_option,
+)
+
+
+def file_stem(name: str) -> str:
+    """An objective name as a file name: 'mixed4a:97' -> 'mixed4a_97'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "objective"
+
+
+@click.command("render")
+@model_argument
+@input_shape_option
+@click.option("--layer", default=None, metavar="LAYER", help="Layer whose units to render (see 'netanatomy layers').")
+@click.option("--units", default=None, metavar="LIST", help="Units of --layer, e.g. 0-63 or 1,5,9 [default: all].")
+@click.option("--objective", "objectives", multiple=True, metavar="LAYER:UNITS",
+              help="Objective instead of --layer/--units (repeatable): mixed4a:97, fc2:3, conv1:0-7 (mean of a set), "
+                   "conv1:5@center (centre position).")
+@click.option("--steps", type=click.IntRange(1), default=512, show_default=True, help="Optimization steps.")
+@click.option("--batch", "batch", type=click.IntRange(1), default=64, show_default=True,
+              help="Images optimized together in one batch.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.05, show_default=True,
+              help="Adam learning rate.")
+@click.option("--param", type=click.Choice(["fourier", "pixel"]), default="fourier", show_default=True,
+              help="Image parameterization.")
+@click.option("--size", type=click.IntRange(1), default=None,
+              help="Render at SIZE x SIZE instead of the model's input size (convolutional layers).")
+@click.option("--stage", type=click.Choice(["pre", "post"]), default="pre", show_default=True,
+              help="Maximize pre-activation values (as Lucid's pre_relu layers) or post-activation values.")
+@click.option("--transforms/--no-transforms", default=True, show_default=True,
+              help="Random pad/jitter/scale/rotate at every step (transformation robustness).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@seed_option
+@device_option
+@json_option
+def command(model, weights, model_args, input_shape, layer, units, objectives, steps, batch, lr, param, size, stage,
+            transforms, out, seed, device, as_json) -> None:
+    """Render the units of LAYER of MODEL (or --objective names): one PNG each, a contact sheet, a JSON."""
+    from pathlib import Path
+
+    from ...errors import UsageError
+    from ...models.layers import discover_layers
+    from ...util.io import save_png, write_json
+    from ...visualize import TransformConfig, channel, parse_objective, render
+    from ...visualize.sheet import contact_sheet, to_hwc
+
+    if not objectives and not layer:
+        raise UsageError("say what to render: --layer LAYER [--units LIST] or --objective LAYER:UNIT")
+    if objectives and (layer or units):
+        raise UsageError("use either --objective or --layer/--units, not both")
+    loaded = load_cli_model(model, weights, model_args, device, input_shape)
+    module = loaded.module
+    layer_map = discover_layers(module, loaded.input_shape)
+    if objectives:
+        objs = [parse_objective(text) for text in objectives]
+        unit_list = None
+        layer_name = None
+    else:
+        resolved = layer_map.resolve(layer)
+        unit_list = parse_units(units, resolved.units)
+        objs = [channel(resolved.name, u) for u in unit_list]
+        layer_name = resolved.name
+    started = time.perf_counter()
+    result = render(module, objs, steps=steps, lr=lr, seed=seed, batch_size=batch, size=size, param=param,
+                    stage=stage, transforms=TransformConfig() if transforms else None,
+                    input_shape=layer_map.input_shape, device=device)
+    seconds = time.perf_counter() - started
+
+    out_dir = Path(out)
+    files = []
+    for i, obj in enumerate(objs):
+        stem = f"unit_{unit_list[i]:04d}" if unit_list is not None else f"{i:03d}_{file_stem(obj.name)}"
+        path = out_dir / f"{stem}.png"
+        save_png(to_hwc(result.images[i]), path)
+        files.append(path.name)
+    labels = [f"{u}: {v:.2f}" for u, v in zip(unit_list, result.values)] if unit_list is not None \
+        else [f"{o.name}: {v:.2f}" for o, v in zip(objs, result.values)]
+    title = f"{loaded.source} {layer_name or ''} ({steps} steps, seed {seed})".replace("  ", " ")
+    save_png(contact_sheet(result.images, labels, title=title), out_dir / "contact_sheet.png")
+    summary = {
+        "model": loaded.source, "weights": loaded.weights, "layer": layer_name, "units": unit_list,
+        "objectives": result.names, "values": result.values, "files": files, "contact_sheet": "contact_sheet.png",
+        "steps": steps, "batch": batch, "lr": lr, "param": param, "stage": stage, "transforms": transforms,
+        "size": list(result.images.shape[2:]), "seed": seed, "seeds": result.seeds, "device": str(device),
+        "seconds": seconds, "out": str(out_dir),
+    }
+    write_json(out_dir / "render.json", summary)
+
+    def human(s):
+        return (f"rendered {len(files)} images of {s['layer'] or 'the objectives'} in {seconds:.1f} s "
+                f"({steps} steps); objective values {min(s['values']):.3g} to {max(s['values']):.3g}\n"
+                f"wrote {out_dir}/ (PNG per image, contact_sheet.png, render.json)")
+
+    emit(summary, as_json, human)

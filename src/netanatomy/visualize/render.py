@@ -1,0 +1,334 @@
+"""Feature visualization: optimize images so that they maximize objectives, many at once.
+
+One image per objective, all in one batch: a whole layer (or every sub-cluster of a network)
+renders in one optimization, with one forward and one backward per step for the batch. Each
+image's start and random transforms come from (seed, objective name, copy number) alone, and
+the loss is a sum over images, so an image is the same whether it renders alone or in a batch
+(up to floating-point differences of batched kernels).
+
+The model sees images in [0, 1], as every netanatomy model takes them (it normalizes its own
+input). Layer values are read with forward hooks (the layer's pre-activation values by
+default, as Lucid's `pre_relu` layers); the forward pass stops right after the last layer
+needed; hooks, the model's training flag and its parameters' `requires_grad` are restored
+whatever happens.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..capture.hooks import recording
+from ..errors import UsageError
+from ..models.layers import Layer, Term, discover_layers
+from ..util.devices import resolve_device
+from ..util.progress import progress
+from ..util.seeding import derive
+from .objectives import CallableTerm, DiversityTerm, LinearTerm, Objective, as_objective
+from .param import DECAY_POWER, image_param
+from .transforms import NO_TRANSFORMS, TransformConfig, apply_transforms, draw_params
+
+LEARNING_RATE = 0.05
+STEPS = 512
+
+
+@dataclass
+class Rendering:
+    """Rendered images and what they reached.
+
+    `values[i]` is objective i's per-image value on the final image i without transforms
+    (diversity, a property of a group, is in `diversity`); `history[t, i]` the same value under
+    step t's random transforms, as optimized.
+    """
+
+    images: Tensor  # [N, C, H, W] in [0, 1], on the CPU
+    names: list[str]
+    values: np.ndarray  # [N]
+    history: np.ndarray  # [steps, N]
+    seeds: list[int]
+    diversity: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+def image_seeds(objectives: Sequence[Objective], seed: int) -> list[int]:
+    """A seed per image from (seed, objective name, copy number): independent of batch neighbours."""
+    copies: Counter[str] = Counter()
+    out = []
+    for obj in objectives:
+        out.append(derive(seed, obj.name, copies[obj.name]))
+        copies[obj.name] += 1
+    return out
+
+
+def render(model: nn.Module, objectives: Objective | str | Sequence[Objective | str], *, steps: int = STEPS,
+           lr: float = LEARNING_RATE, seed: int = 0, batch_size: int | None = None,
+           size: int | tuple[int, int] | None = None, channels: int | None = None, param: str = "fourier",
+           decorrelate: bool = True, decay_power: float = DECAY_POWER,
+           transforms: TransformConfig | None = TransformConfig(), stage: str = "pre",
+           input_shape: Sequence[int] | None = None, device: str | torch.device | None = None,
+           show_progress: bool = True) -> Rendering:
+    """Render one image per objective (names such as "mixed4a:97" are parsed).
+
+    Images are optimized `batch_size` at a time (default: all in one batch) for `steps` Adam
+    steps at `lr`. The image shape defaults to the model's input shape; `size` renders at
+    another size (for convolutional layers). `transforms=None` turns transformation robustness
+    off. `stage` "pre" reads pre-activation values, "post" the values after the nonlinearity.
+    """
+    objs = [as_objective(o) for o in ([objectives] if isinstance(objectives, (Objective, str)) else objectives)]
+    if not objs:
+        raise UsageError("no objectives to render")
+    if steps < 1:
+        raise UsageError(f"steps must be at least 1, got {steps}")
+    if not lr > 0:
+        raise UsageError(f"the learning rate must be positive, got {lr}")
+    if stage not in ("pre", "post"):
+        raise UsageError(f"stage must be 'pre' or 'post', not {stage!r}")
+    batch_size = len(objs) if batch_size is None else int(batch_size)
+    if batch_size < 1:
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+    dev = _model_device(model, device)
+    layer_map = discover_layers(model, input_shape)
+    shape = tuple(input_shape) if input_shape else tuple(layer_map.input_shape)
+    if len(shape) != 3:
+        raise UsageError(f"rendering needs image inputs (C, H, W); this model takes {shape}")
+    hw = (shape[1], shape[2]) if size is None else ((size, size) if isinstance(size, int) else tuple(size))
+    n_channels = shape[0] if channels is None else int(channels)
+    layers = _resolve_layers(model, layer_map, objs)
+    seeds = image_seeds(objs, seed)
+    config = transforms if transforms is not None else NO_TRANSFORMS
+
+    images, values, history, diversity = [], [], [], {}
+    chunks = [range(i, min(i + batch_size, len(objs))) for i in range(0, len(objs), batch_size)]
+    bar = progress(total=steps * len(chunks), desc="render", unit="step", disable=None if show_progress else True)
+    with frozen_eval(model):
+        try:
+            for chunk in chunks:
+                result = _render_batch(
+                    model, [objs[i] for i in chunk], [seeds[i] for i in chunk], layers, stage, steps=steps, lr=lr,
+                    size=hw, channels=n_channels, param=param, decorrelate=decorrelate, decay_power=decay_power,
+                    config=config, device=dev, bar=bar)
+                images.append(result[0])
+                values.append(result[1])
+                history.append(result[2])
+                diversity.update(result[3])
+        except RuntimeError as exc:
+            if (n_channels, *hw) != shape:  # most likely the model cannot take the asked-for image shape
+                raise UsageError(f"the model failed on {n_channels}x{hw[0]}x{hw[1]} images (it was built for "
+                                 f"{'x'.join(map(str, shape))}): {' '.join(str(exc).split())[:160]}") from exc
+            raise
+        finally:
+            bar.close()
+    return Rendering(
+        images=torch.cat(images), names=[o.name for o in objs], values=np.concatenate(values),
+        history=np.concatenate(history, axis=1), seeds=seeds, diversity=diversity,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# internals
+
+
+def _model_device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    here = next((p.device for p in model.parameters()), None)
+    if device is None:
+        return here if here is not None else torch.device("cpu")
+    dev = resolve_device(device)
+    if here is not None and (here.type, here.index or 0) != (dev.type, dev.index or 0):
+        raise UsageError(f"the model is on {here} but rendering was asked on {dev}; "
+                         f"move it first with model.to({str(dev)!r})")
+    return dev
+
+
+@contextmanager
+def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and frozen parameters (no weight gradients to compute), restored whatever happens."""
+    training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(training)
+
+
+def _resolve_layers(model: nn.Module, layer_map, objs: Sequence[Objective]) -> dict[str, Layer]:
+    """Objective layer name -> Layer; a submodule that is no layer of the map is hooked at its output."""
+    names = {name for obj in objs for name in obj.layers}
+    out: dict[str, Layer] = {}
+    modules = dict(model.named_modules())
+    for name in sorted(names):
+        try:
+            out[name] = layer_map.resolve(name)
+        except UsageError:
+            if name in modules and name:
+                term = (Term(name),)
+                out[name] = Layer(name=name, module=name, kind="module", units=0, out_shape=(), pre=term, post=term)
+            else:
+                raise
+    return out
+
+
+@dataclass
+class _Plan:
+    """Objectives of one batch in evaluable form, built once the layers' shapes are known."""
+
+    linear: list[tuple[str, object, Tensor]]  # (layer, where, weights [B, U])
+    callables: list[tuple[CallableTerm, Tensor, Tensor]]  # (term, image indices, weights)
+    diversity: list[tuple[DiversityTerm, Tensor, float]]  # (term, image indices, weight)
+
+
+def _build_plan(objs: Sequence[Objective], layers: Mapping[str, Layer], acts: Mapping[str, Tensor],
+                device: torch.device) -> _Plan:
+    batch = len(objs)
+    linear: dict[tuple[str, object], Tensor] = {}
+    groups: dict[tuple[str, object], tuple[object, list[int], list[float]]] = {}
+    for i, obj in enumerate(objs):
+        for weight, term in obj.terms:
+            if isinstance(term, LinearTerm):
+                name = layers[term.layer].name
+                value = acts[name]
+                where = _check_where(term.where, value, term.layer)
+                key = (name, where)
+                if key not in linear:
+                    linear[key] = torch.zeros(batch, value.shape[1])
+                linear[key][i] += weight * term.dense(int(value.shape[1]))
+            else:
+                key_id = ("callable", id(term)) if isinstance(term, CallableTerm) else ("diversity", term.key)
+                entry = groups.setdefault(key_id, (term, [], []))
+                entry[1].append(i)
+                entry[2].append(weight)
+    plan = _Plan([(name, where, w.to(device)) for (name, where), w in linear.items()], [], [])
+    for term, idx, weights in groups.values():
+        index = torch.tensor(idx, dtype=torch.long, device=device)
+        if isinstance(term, CallableTerm):
+            plan.callables.append((term, index, torch.tensor(weights, device=device)))
+        else:
+            plan.diversity.append((term, index, float(np.mean(weights))))
+    return plan
+
+
+def _check_where(where, value: Tensor, layer: str):
+    if value.dim() == 2 or where in ("mean", "center"):
+        return where if value.dim() > 2 else "mean"
+    spatial = tuple(value.shape[2:])
+    if len(where) != len(spatial) or any(not 0 <= p < s for p, s in zip(where, spatial)):
+        raise UsageError(f"position {where} is outside layer {layer}'s map of size {spatial}")
+    return tuple(where)
+
+
+def _reduce(value: Tensor, where) -> Tensor:
+    """[B, U, *spatial] -> [B, U] by spatial mean, centre value, or the value at a position."""
+    if value.dim() == 2:
+        return value
+    if where == "mean":
+        return value.flatten(2).mean(2)
+    index = tuple(s // 2 for s in value.shape[2:]) if where == "center" else tuple(where)
+    return value[(slice(None), slice(None)) + index]
+
+
+def _evaluate(plan: _Plan, layers: Mapping[str, Layer], acts: Mapping[str, Tensor], batch: int
+              ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """(per-image values [B], total to maximize, diversity per group) for one forward's values."""
+    per_image = None
+    for name, where, weights in plan.linear:
+        contrib = (_reduce(acts[name], where) * weights).sum(1)
+        per_image = contrib if per_image is None else per_image + contrib
+    if per_image is None:
+        per_image = next(iter(acts.values())).new_zeros(batch)
+    for term, index, weights in plan.callables:
+        sub = {name: acts[layers[name].name].index_select(0, index) for name in term.layers}
+        vals = term.fn(sub).reshape(-1)
+        if vals.shape[0] != index.shape[0]:
+            raise UsageError(f"objective {term.key} gave {vals.shape[0]} values for {index.shape[0]} images")
+        per_image = per_image.index_add(0, index, vals * weights)
+    total = per_image.sum()
+    div = {}
+    for term, index, weight in plan.diversity:
+        value = term.value(acts[layers[term.layer].name].index_select(0, index))
+        div[term.key] = value
+        total = total + weight * value
+    return per_image, total, div
+
+
+def _render_batch(model: nn.Module, objs: Sequence[Objective], seeds: Sequence[int], layers: Mapping[str, Layer],
+                  stage: str, *, steps: int, lr: float, size: tuple[int, int], channels: int, param: str,
+                  decorrelate: bool, decay_power: float, config: TransformConfig, device: torch.device, bar
+                  ) -> tuple[Tensor, np.ndarray, np.ndarray, dict[str, float]]:
+    batch = len(objs)
+    needed = {layers[name].name: layers[name] for obj in objs for name in obj.layers}
+    image = image_param(seeds, channels, size, kind=param, decorrelate=decorrelate, decay_power=decay_power,
+                        device=device)
+    tparams = draw_params([derive(s, "transforms") for s in seeds], steps, config, device=device)
+    optimizer = torch.optim.Adam(image.parameters(), lr=lr)
+    history = torch.zeros(steps, batch, device=device)
+    acts: dict[str, Tensor] = {}
+
+    def keep(layer: Layer, value: Tensor) -> None:
+        # a copy: an in-place op later in the forward must not change what the objective reads
+        acts[layer.name] = value.clone() if len(needed) > 1 else value
+
+    plan = None
+    with recording(model, list(needed.values()), stage, keep, stop_early=True, detach=False) as recorder:
+        for t in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            acts.clear()
+            recorder.forward(apply_transforms(image(), tparams[:, t], config))
+            _check_reached(acts, needed)
+            if plan is None:
+                plan = _build_plan(objs, layers, acts, device)
+            per_image, total, _ = _evaluate(plan, layers, acts, batch)
+            (-total).backward()
+            optimizer.step()
+            history[t] = per_image.detach()
+            bar.update(1)
+        with torch.no_grad():
+            final = image().detach()
+            acts.clear()
+            recorder.forward(final)
+            _check_reached(acts, needed)
+            per_image, _, div = _evaluate(plan, layers, acts, batch)
+    return (final.float().cpu(), per_image.float().cpu().numpy(), history.cpu().numpy(),
+            {k: float(v) for k, v in div.items()})
+
+
+def _check_reached(acts: Mapping[str, Tensor], needed: Mapping[str, Layer]) -> None:
+    missing = [name for name in needed if name not in acts]
+    if missing:
+        raise UsageError(f"the forward pass never reached layer {missing[0]}; it cannot be rendered")
+
+
+def objective_values(model: nn.Module, objectives: Sequence[Objective | str], images: Tensor, *, stage: str = "pre",
+                     input_shape: Sequence[int] | None = None) -> np.ndarray:
+    """Objective i's per-image value on images[i] (no transforms): to compare renders and real inputs."""
+    objs = [as_objective(o) for o in objectives]
+    if len(objs) != images.shape[0]:
+        raise UsageError(f"{len(objs)} objectives for {images.shape[0]} images")
+    layers = _resolve_layers(model, discover_layers(model, input_shape), objs)
+    needed = {layers[name].name: layers[name] for obj in objs for name in obj.layers}
+    acts: dict[str, Tensor] = {}
+
+    def keep(layer: Layer, value: Tensor) -> None:
+        acts[layer.name] = value.clone()
+
+    dev = _model_device(model, None)
+    with frozen_eval(model), torch.no_grad(), \
+            recording(model, list(needed.values()), stage, keep, stop_early=True, detach=True) as recorder:
+        recorder.forward(images.to(dev))
+        _check_reached(acts, needed)
+        plan = _build_plan(objs, layers, acts, dev)
+        per_image, _, _ = _evaluate(plan, layers, acts, len(objs))
+    return per_image.float().cpu().numpy()
+
+
+__all__ = ["LEARNING_RATE", "STEPS", "Rendering", "frozen_eval", "image_seeds", "objective_values", "render"]
