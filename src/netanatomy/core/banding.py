@@ -1,0 +1,282 @@
+"""Weight banding score: how much of a layer's kernel variation is horizontal or vertical bands.
+
+Every kernel K = W[o, i] (kh x kw) is decomposed about its mean as in a two-way ANOVA:
+row SS (variation of the row means: constant along x, varying along y, i.e. horizontal
+bands), column SS (vertical bands) and the rest. Over a layer
+
+    H = sum of row SS / sum of total SS,     V = sum of column SS / sum of total SS,
+
+and for i.i.d. noise E[H] = (kh-1)/(kh*kw-1), E[V] = (kw-1)/(kh*kw-1) (the ANOVA degrees of
+freedom). The p-values come from a permutation null that shuffles the positions inside every
+kernel independently.
+
+Why it is fast: under that null the denominator is fixed, so a replicate of H is a sum over
+kernels of each kernel's row SS after its own shuffle.
+- Each kernel's row and column SS are computed once for a pool of M random position
+  permutations (one small matrix product over the kernel's pairwise products); a replicate
+  then picks one of those M values per kernel instead of re-shuffling the weights.
+- Kernels are dealt into groups of up to M (at least 256 groups remain): in a replicate the
+  j-th kernel of a group takes pool permutation (i + j) mod M for the group's random index i,
+  so kernels of a group always get distinct permutations, and a group has M possible values,
+  summed once. M replicates at a time then cost one scatter-add of the groups into bins.
+- A pool shared by all replicates would shift the whole null by its sampling error (about
+  1/sqrt(M) null standard deviations, however many kernels), so each kernel's pool values
+  are re-centred on the exact null mean, total SS * (kh-1)/(kh*kw-1); what remains is a
+  relative error of about sqrt(2 / (M * groups)) in the null variance. M is about
+  2^16 / kernels, between 64 and 1024.
+The replicates are thus, for practical purposes, independent draws from the within-kernel
+permutation null (checked against fresh per-kernel shuffles in the tests and the
+benchmark, and for calibration on i.i.d. layers). The p-value is
+(#{null >= observed} + 1) / (n + 1): its resolution is 1 / (n + 1), 0.001 by default.
+
+Orientation rule: with excess_h = (H - E[H]) / (1 - E[H]) (0 at chance, 1 when every kernel
+is a pure row pattern) and excess_v likewise, a layer is "horizontal" when
+p_horizontal <= alpha and excess_h - excess_v >= margin, "vertical" symmetrically, "none"
+otherwise (defaults alpha = 0.01, margin = 0.1): banding must be significant AND clearly
+stronger along one axis, so smooth, isotropic kernels (whose H and V both rise) are "none".
+The reported p_value is that of the axis with the larger excess.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from scipy.stats import norm
+from torch import Tensor
+
+__all__ = [
+    "BandingScore",
+    "anova_ss",
+    "banding_score",
+    "expected_shares",
+    "orientation",
+]
+
+
+@dataclass(frozen=True)
+class BandingScore:
+    """The banding of one layer. Fields are None for a skipped layer (see `skipped`)."""
+
+    horizontal: float | None
+    vertical: float | None
+    index: float | None
+    orientation: str
+    p_value: float | None
+    p_horizontal: float | None
+    p_vertical: float | None
+    z_horizontal: float | None
+    z_vertical: float | None
+    expected_h: float | None
+    expected_v: float | None
+    kernel: tuple[int, int]
+    n_kernels: int
+    n_permutations: int
+    resolution: float | None
+    method: str
+    skipped: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["kernel"] = list(self.kernel)
+        return out
+
+
+def expected_shares(kh: int, kw: int) -> tuple[float, float]:
+    """Chance values (E[H], E[V]) for i.i.d. kernels: the row and column degrees of freedom."""
+    dof = kh * kw - 1
+    if dof <= 0:
+        return math.nan, math.nan
+    return (kh - 1) / dof, (kw - 1) / dof
+
+
+def _as_kernels(weights: Tensor) -> Tensor:
+    if weights.ndim == 4:
+        return weights.reshape(-1, weights.shape[-2], weights.shape[-1])
+    if weights.ndim == 3:
+        return weights
+    raise ValueError(f"weights must be [units, C_in, kh, kw] or [kernels, kh, kw], got shape {tuple(weights.shape)}")
+
+
+def anova_ss(weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per kernel (row SS, column SS, total SS) about the kernel's mean, all [N] in float64."""
+    k = _as_kernels(weights.detach()).double()
+    kh, kw = k.shape[-2:]
+    centred = k - k.mean(dim=(-2, -1), keepdim=True)
+    row = kw * centred.mean(dim=-1).pow(2).sum(dim=-1)
+    col = kh * centred.mean(dim=-2).pow(2).sum(dim=-1)
+    total = centred.pow(2).sum(dim=(-2, -1))
+    return row, col, total
+
+
+def orientation(h: float, v: float, p_h: float, p_v: float, kh: int, kw: int, *,
+                alpha: float = 0.01, margin: float = 0.1) -> str:
+    """'horizontal', 'vertical' or 'none' by the rule in the module docstring."""
+    eh, ev = expected_shares(kh, kw)
+    excess_h = (h - eh) / (1 - eh) if eh < 1 else 0.0
+    excess_v = (v - ev) / (1 - ev) if ev < 1 else 0.0
+    if p_h <= alpha and excess_h - excess_v >= margin:
+        return "horizontal"
+    if p_v <= alpha and excess_v - excess_h >= margin:
+        return "vertical"
+    return "none"
+
+
+def _pair_weights(perms: np.ndarray, kh: int, kw: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Row and column SS of every permuted kernel as one linear map of pairwise products.
+
+    For a centred kernel x and a permutation s, row SS = (1/kw) sum over rows of (the sum of
+    the values s sends into that row)^2 = sum_{a<=b} c_ab x_a x_b [s(a), s(b) share a row],
+    c_aa = 1/kw, c_ab = 2/kw. Returns [P, T] selections A, B (with the centring folded in) so
+    that (x @ A) * (x @ B) are the T = P(P+1)/2 pairwise products of the centred kernel, and
+    a [T, 2M] map to (row SS, column SS) under each pool permutation m (columns 2m, 2m+1).
+    """
+    m, p = perms.shape
+    a, b = np.triu_indices(p)
+    weight = np.where(a == b, 1.0, 2.0)
+    rows, cols = perms // kw, perms % kw                                # [M, P]: new row / column of each position
+    mat = np.empty((len(a), m, 2), dtype=np.float32)
+    mat[:, :, 0] = ((rows[:, a] == rows[:, b]) * weight / kw).T
+    mat[:, :, 1] = ((cols[:, a] == cols[:, b]) * weight / kh).T
+    centre = np.eye(p) - 1.0 / p
+    return (torch.from_numpy((centre[:, a]).astype(np.float32)), torch.from_numpy((centre[:, b]).astype(np.float32)),
+            torch.from_numpy(mat.reshape(len(a), 2 * m)))
+
+
+def _group_values(ss: Tensor, group: int, shift: Tensor) -> Tensor:
+    """[groups, M, 2]: the values a group of kernels can take in one replicate.
+
+    Kernels are dealt, in order, into groups of `group` (<= M); in a replicate the j-th kernel
+    of a group takes pool permutation (i + j) mod M for the group's index i, so the kernels of
+    a group always get distinct pool permutations. Summing each group's kernels for each of
+    the M values of i leaves one row of M values per group. `shift` [c, 2] is added to every
+    value of each kernel (the correction of its pool mean).
+    """
+    c, m, _ = ss.shape
+    groups = -(-c // group)
+    if c % group:
+        ss = torch.cat([ss, ss.new_zeros(groups * group - c, m, 2)])
+        shift = torch.cat([shift, shift.new_zeros(groups * group - c, 2)])
+    by_slot = ss.view(groups, group, m, 2)
+    out = by_slot[:, 0].clone()
+    for j in range(1, group):                                           # out[:, i] += slot j at (i + j) mod M
+        out[:, : m - j] += by_slot[:, j, j:]
+        out[:, m - j:] += by_slot[:, j, :j]
+    return out + shift.view(groups, group, 2).sum(dim=1)[:, None, :]
+
+
+def _replicate_sums(values: Tensor, blocks: int, rng: np.random.Generator) -> Tensor:
+    """[blocks*M, 2] replicate sums of (row, col) SS, every group at an independent random index.
+
+    values [G, M, 2]. Within a block of M replicates group g takes index (j + a_g) mod M in
+    replicate j, with a_g uniform and independent across groups and blocks: in every replicate
+    the groups' indices are independent and uniform, and a block costs one scatter-add of the
+    groups into M bins by a_g instead of M gathers.
+    """
+    g, m, _ = values.shape
+    out = torch.empty(blocks, m, 2, dtype=torch.float64)
+    shift = ((torch.arange(m)[:, None] + torch.arange(m)[None, :]) % m)[:, :, None].expand(m, m, 2)
+    for blk in range(blocks):
+        offsets = torch.from_numpy(rng.integers(0, m, size=g))
+        bins = torch.zeros(m, m, 2).index_add_(0, offsets, values)       # [offset, index, 2]
+        out[blk] = bins.gather(1, shift).double().sum(dim=0)             # replicate j: index (j + o) mod M
+    return out.view(blocks * m, 2)
+
+
+def _skipped(reason: str, kh: int, kw: int, n: int, method: str) -> BandingScore:
+    eh, ev = expected_shares(kh, kw)
+    finite = not math.isnan(eh)
+    return BandingScore(None, None, None, "none", None, None, None, None, None,
+                        eh if finite else None, ev if finite else None, (kh, kw), n, 0, None, method, reason)
+
+
+def banding_score(weights: Tensor, *, n_permutations: int = 999, seed: int = 0, alpha: float = 0.01,
+                  margin: float = 0.1, method: Literal["permutation", "normal"] = "permutation",
+                  pool: int | None = None, chunk: int = 16384) -> BandingScore:
+    """Banding of a layer's weights [units, C_in, kh, kw] (or [kernels, kh, kw]).
+
+    method 'permutation' (default): Monte Carlo p-values from `n_permutations` replicates of
+    the within-kernel permutation null (resolution 1 / (n + 1)). 'normal': the null's exact
+    mean and its variance estimated on the pool, with a normal tail: no replicates.
+    z scores (excess over chance in null standard deviations) are reported either way.
+    `pool` (rounded up to a power of two) is the number of random permutations per layer;
+    by default about 2^16 / kernels, between 64 and 1024, so that a small layer gets many.
+    """
+    if method not in ("permutation", "normal"):
+        raise ValueError(f"method must be 'permutation' or 'normal', got {method!r}")
+    if method == "permutation" and n_permutations < 1:
+        raise ValueError("n_permutations must be >= 1")
+    kernels = _as_kernels(weights.detach()).cpu()
+    n, kh, kw = kernels.shape
+    if kh * kw == 1:
+        return _skipped("1x1 kernels have no spatial structure", kh, kw, n, method)
+    if kh == 1 or kw == 1:
+        return _skipped(f"{kh}x{kw} kernels have a single row or column: no two-way decomposition", kh, kw, n, method)
+    if n == 0:
+        return _skipped("no kernels", kh, kw, n, method)
+    p = kh * kw
+    rng = np.random.default_rng(seed)
+    if pool is None:
+        pool = min(1024, max(64, (1 << 16) // n))
+    pool = 1 << max(1, int(pool - 1).bit_length())
+    perms = np.argsort(rng.random((pool, p)), axis=1)
+    sel_a, sel_b, pair_map = _pair_weights(perms, kh, kw)
+    n_rep = n_permutations if method == "permutation" else 0
+    blocks = -(-n_rep // pool)
+    null = torch.zeros(blocks * pool, 2, dtype=torch.float64)
+    pool_var = torch.zeros(2, dtype=torch.float64)                      # sum over kernels of pool variances
+    centre = torch.eye(p, dtype=torch.float64) - 1.0 / p
+    row_sum = torch.kron(torch.eye(kh, dtype=torch.float64), torch.ones(kw, 1, dtype=torch.float64))
+    col_sum = torch.kron(torch.ones(kh, 1, dtype=torch.float64), torch.eye(kw, dtype=torch.float64))
+    observed = torch.zeros(3, dtype=torch.float64)                     # row SS, column SS, total SS
+    exact_share = torch.tensor(expected_shares(kh, kw), dtype=torch.float32)
+    flat = kernels.reshape(n, p)
+    pool_mean = pair_map.view(-1, pool, 2).mean(dim=1)                 # [pairs, 2]: pool mean as a linear map
+    group = min(pool, max(1, n // 256))                                # keep >= 256 independent groups
+    chunk = max(group, min(chunk, (1 << 22) // (sel_a.shape[1] + 4 * pool)) // group * group)
+    for start in range(0, n, chunk):
+        block = flat[start:start + chunk]
+        centred = block.double() @ centre
+        observed[0] += (centred @ row_sum).pow_(2).sum() / kw
+        observed[1] += (centred @ col_sum).pow_(2).sum() / kh
+        kernel_ss = centred.pow(2).sum(dim=1)
+        observed[2] += kernel_ss.sum()
+        block = block.float()
+        pairs = (block @ sel_a) * (block @ sel_b)                        # [c, pairs] products of the centred kernel
+        ss = (pairs @ pair_map).view(-1, pool, 2)                        # (row, col) SS per pool permutation
+        # each kernel's pool values re-centred on the exact null mean (total SS times the
+        # degrees-of-freedom share): the shared pool then shifts no replicate
+        shift = kernel_ss.float()[:, None] * exact_share - pairs @ pool_mean
+        if n_rep:
+            null += _replicate_sums(_group_values(ss, group, shift), blocks, rng)
+        else:
+            pool_var += ss.double().var(dim=1, unbiased=False).sum(dim=0)
+    denom = float(observed[2])
+    if denom <= 0:
+        return _skipped("all kernels are constant", kh, kw, n, method)
+    h_obs, v_obs = float(observed[0]) / denom, float(observed[1]) / denom
+    eh, ev = expected_shares(kh, kw)
+    if n_rep:
+        null = null[:n_rep] / denom
+        slack = 1e-6 * max(h_obs, v_obs)                                 # the null is summed in float32
+        p_h = (int((null[:, 0] >= h_obs - slack).sum()) + 1) / (n_rep + 1)
+        p_v = (int((null[:, 1] >= v_obs - slack).sum()) + 1) / (n_rep + 1)
+        sd_h, sd_v = (float(null[:, 0].std()), float(null[:, 1].std())) if n_rep > 1 else (math.nan, math.nan)
+        resolution = 1.0 / (n_rep + 1)
+    else:
+        sd_h, sd_v = math.sqrt(float(pool_var[0])) / denom, math.sqrt(float(pool_var[1])) / denom
+        p_h = float(norm.sf((h_obs - eh) / sd_h)) if sd_h > 0 else float(h_obs <= eh)
+        p_v = float(norm.sf((v_obs - ev) / sd_v)) if sd_v > 0 else float(v_obs <= ev)
+        resolution = None
+    z_h = (h_obs - eh) / sd_h if sd_h > 0 else math.nan
+    z_v = (v_obs - ev) / sd_v if sd_v > 0 else math.nan
+    excess_h = (h_obs - eh) / (1 - eh)
+    excess_v = (v_obs - ev) / (1 - ev)
+    return BandingScore(
+        horizontal=h_obs, vertical=v_obs, index=h_obs - v_obs,
+        orientation=orientation(h_obs, v_obs, p_h, p_v, kh, kw, alpha=alpha, margin=margin),
+        p_value=p_h if excess_h >= excess_v else p_v, p_horizontal=p_h, p_vertical=p_v,
+        z_horizontal=z_h, z_vertical=z_v, expected_h=eh, expected_v=ev, kernel=(kh, kw),
+        n_kernels=n, n_permutations=n_rep, resolution=resolution, method=method)
