@@ -1,0 +1,108 @@
+"""`netanatomy clusters MODEL --k K --shuffles S`: spectral clusters and clusterability."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..options import device_option, emit, input_shape_option, json_option, load_cli_model, model_argument, seed_option
+
+
+@click.command("clusters")
+@model_argument
+@input_shape_option
+@click.option("--graph", "graph_kind", type=click.Choice(["weights", "activations"]), default="weights",
+              show_default=True, help="Edges from |weights| (no data) or from activation correlations on --data.")
+@click.option("--data", default=None, metavar="DATA", help="Data set for --graph activations (test split).")
+@click.option("--k", type=click.IntRange(2), default=12, show_default=True, help="Number of clusters.")
+@click.option("--shuffles", type=click.IntRange(0), default=50, show_default=True,
+              help="Shuffled networks to compare the n-cut with.")
+@click.option("--shuffle-method", type=click.Choice(["layer", "layer_nonzero"]), default="layer", show_default=True,
+              help="Permute all of each layer's weights, or only its non-zero ones (pruned networks).")
+@click.option("--n-init", type=click.IntRange(1), default=25, show_default=True, help="k-means restarts.")
+@click.option("--examples", type=click.IntRange(2), default=5000, show_default=True,
+              help="Activation graph: examples kept (a seeded sample).")
+@click.option("--layers", default=None, metavar="A,B,...", help="Activation graph: layers (default: all hidden).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the result here (for `importance` and `coherence`); shuffles checkpoint beside it.")
+@click.option("--restart", is_flag=True, help="Ignore a shuffle checkpoint beside --out.")
+@seed_option
+@device_option
+@json_option
+def command(model, weights, model_args, input_shape, graph_kind, data, k, shuffles, shuffle_method, n_init, examples,
+            layers, out, restart, seed, device, as_json) -> None:
+    """Cluster MODEL's units (spectral clustering of a neuron graph) and test clusterability:
+    the n-cut against networks with each layer's weights shuffled (p and z)."""
+    from ...data import open_dataset
+    from ...errors import UsageError
+    from ...models.layers import discover_layers
+    from ...specialization.clusters import cluster_model
+    from ...util.io import write_json
+    from ...util.progress import progress
+
+    if graph_kind == "activations" and not data:
+        raise UsageError("--graph activations needs --data")
+    import torch
+
+    torch.manual_seed(seed)  # a random-init model (no weights) is the same for the same seed
+    loaded = load_cli_model(model, weights, model_args, device, input_shape)
+    layer_map = discover_layers(loaded.module, loaded.input_shape)
+    dataset = open_dataset(data, "test", seed=seed) if data else None
+    layer_names = [layer_map.resolve(n).name for n in layers.split(",") if n.strip()] if layers else None
+
+    config = {"model": model, "weights": weights, "model_args": list(model_args), "graph": graph_kind, "data": data,
+              "k": k, "method": shuffle_method, "seed": seed, "n_init": n_init, "examples": examples,
+              "layers": layer_names}
+    sidecar = Path(out + ".shuffles.json") if out else None
+    done = _resume(sidecar, config) if sidecar is not None and not restart else []
+    bar = progress(total=shuffles, desc="shuffles", unit="net", initial=min(len(done), shuffles))
+    ncuts = list(done)
+
+    def on_result(i: int, value: float) -> None:
+        ncuts.append(value)
+        bar.update(1)
+        if sidecar is not None:
+            write_json(sidecar, {"config": config, "ncuts": ncuts})
+
+    try:
+        result = cluster_model(loaded.module, layer_map, graph=graph_kind, data=dataset, k=k, n_shuffles=shuffles,
+                               method=shuffle_method, seed=seed, n_init=n_init, layers=layer_names,
+                               max_examples=examples, device=device, done=done, on_result=on_result)
+    finally:
+        bar.close()
+    doc = {**result.to_json(), "model": loaded.source, "seed": seed, "n_init": n_init}
+    if out:
+        write_json(out, doc)
+        if sidecar is not None:
+            sidecar.unlink(missing_ok=True)
+    emit(doc, as_json, _human)
+
+
+def _resume(sidecar: Path, config: dict) -> list[float]:
+    if not sidecar.is_file():
+        return []
+    try:
+        state = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return []
+    if state.get("config") != config:
+        return []
+    return [float(v) for v in state.get("ncuts", [])]
+
+
+def _human(doc: dict) -> str:
+    s = doc["shuffle"]
+    lines = [f"{doc['model']}: {doc['graph']} graph, {doc['nodes']} nodes ({doc['isolated']} isolated), k={doc['k']}",
+             f"n-cut {doc['ncut']:.4f}"]
+    if s["n"]:
+        lines.append(f"shuffled ({s['method']}, n={s['n']}): mean {s['mean']:.4f}, std {s['std']:.4f}, "
+                     f"z {s['z']:.2f}, p {s['p']:.4g}" if s["z"] is not None else
+                     f"shuffled ({s['method']}, n={s['n']}): mean {s['mean']:.4f}, p {s['p']:.4g}")
+    for c in doc["clusters"]:
+        per_layer: dict[str, int] = {}
+        for u in c["units"]:
+            per_layer[u["layer"]] = per_layer.get(u["layer"], 0) + 1
+        lines.append(f"  cluster {c['id']:>2}: {len(c['units']):>5} units  "
+                     + ", ".join(f"{layer} {n}" for layer, n in per_layer.items()))
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""`netanatomy coherence MODEL --clusters FILE --data D --random R`: do sub-clusters' units agree?"""
+from __future__ import annotations
+
+import click
+
+from ..options import device_option, emit, input_shape_option, json_option, load_cli_model, model_argument, seed_option
+
+
+@click.command("coherence")
+@model_argument
+@input_shape_option
+@click.option("--clusters", "clusters_file", required=True, type=click.Path(dir_okay=False),
+              help="Clusters JSON written by `netanatomy clusters --out`.")
+@click.option("--data", required=True, metavar="DATA", help="Labelled data set (its test split), e.g. fashion-mnist.")
+@click.option("--random", "n_random", type=click.IntRange(1), default=19, show_default=True,
+              help="Random same-size sets per sub-cluster.")
+@click.option("--kind", "kinds", default="dataset,correlation", show_default=True,
+              help="Comma-separated: dataset (label entropy of top inputs), correlation (mean Spearman^2).")
+@click.option("--top", type=click.IntRange(1), default=10, show_default=True, help="Top inputs per set (dataset).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N test examples.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON result here.")
+@seed_option
+@device_option
+@json_option
+def command(model, weights, model_args, input_shape, clusters_file, data, n_random, kinds, top, limit, out, seed,
+            device, as_json) -> None:
+    """Score each sub-cluster's coherence against R random same-size sets of its layer."""
+    from ...data import open_dataset
+    from ...models.layers import discover_layers
+    from ...specialization.coherence import coherence
+    from ...specialization.extract import activation_values
+    from ...specialization.importance import lesionable_layers
+    from ...specialization.subclusters import read_clusters
+    from ...util.io import write_json
+
+    kind_list = [k.strip() for k in kinds.split(",") if k.strip()]
+    clusters = read_clusters(clusters_file)
+    import torch
+
+    torch.manual_seed(seed)  # a random-init model (no weights) is the same for the same seed
+    loaded = load_cli_model(model, weights, model_args, device, input_shape)
+    layer_map = discover_layers(loaded.module, loaded.input_shape)
+    layers = [name for name in lesionable_layers(layer_map)
+              if any(layer == name for c in clusters for layer, _ in c.units)]
+    ds = open_dataset(data, "test", limit=limit, seed=seed)
+    values, labels = activation_values(loaded.module, layers, ds, max_examples=None, seed=seed, device=device,
+                                       input_shape=loaded.input_shape) if layers else ({}, None)
+    result = coherence(values, labels, clusters, n_random=n_random, seed=seed, top=top, kinds=kind_list,
+                       num_classes=loaded.num_classes)
+    doc = {"model": loaded.source, "data": data, "examples": len(ds), **result.to_json()}
+    if out:
+        write_json(out, doc)
+    emit(doc, as_json, _human)
+
+
+def _human(doc: dict) -> str:
+    lines = [f"{doc['model']} on {doc['data']} ({doc['examples']} examples), {doc['random']} random sets, "
+             f"top {doc['top']}",
+             "Fisher over sub-clusters: " + ", ".join(f"{k} p {v:.3g}" for k, v in doc["fisher"].items()),
+             f"{'cluster':>7} {'layer':<16} {'size':>5} {'kind':<12} {'value':>8} {'random':>8} {'p':>7} {'q':>7}"]
+    for t in doc["tests"]:
+        lines.append(f"{t['cluster']:>7} {t['layer']:<16} {t['size']:>5} {t['kind']:<12} {t['value']:>8.4f} "
+                     f"{t['random_mean']:>8.4f} {t['p']:>7.3g} {t['q']:>7.3g}")
+    return "\n".join(lines)

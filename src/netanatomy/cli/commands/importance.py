@@ -1,0 +1,67 @@
+"""`netanatomy importance MODEL --clusters FILE --data D --random R`: lesion tests of sub-clusters."""
+from __future__ import annotations
+
+import click
+
+from ..options import device_option, emit, input_shape_option, json_option, load_cli_model, model_argument, seed_option
+
+
+@click.command("importance")
+@model_argument
+@input_shape_option
+@click.option("--clusters", "clusters_file", required=True, type=click.Path(dir_okay=False),
+              help="Clusters JSON written by `netanatomy clusters --out`.")
+@click.option("--data", required=True, metavar="DATA", help="Labelled data set (its test split), e.g. fashion-mnist.")
+@click.option("--random", "n_random", type=click.IntRange(1), default=19, show_default=True,
+              help="Random same-size sets per sub-cluster (the smallest p is 1/(R+1)).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N test examples.")
+@click.option("--batch-size", type=click.IntRange(1), default=1000, show_default=True)
+@click.option("--exact", is_flag=True, help="Run lesions as masked forwards only (no low-rank update).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON result here.")
+@seed_option
+@device_option
+@json_option
+def command(model, weights, model_args, input_shape, clusters_file, data, n_random, limit, batch_size, exact, out,
+            seed, device, as_json) -> None:
+    """Silence each sub-cluster (a cluster's units in one layer) and R random same-size sets of its
+    layer; report the accuracy drop, class specificity and effect factor with p, q and Fisher."""
+    from ...data import open_dataset
+    from ...models.layers import discover_layers
+    from ...specialization.importance import importance
+    from ...specialization.subclusters import read_clusters
+    from ...util.io import write_json
+    from ...util.progress import progress
+
+    clusters = read_clusters(clusters_file)
+    import torch
+
+    torch.manual_seed(seed)  # a random-init model (no weights) is the same for the same seed
+    loaded = load_cli_model(model, weights, model_args, device, input_shape)
+    layer_map = discover_layers(loaded.module, loaded.input_shape)
+    ds = open_dataset(data, "test", limit=limit, seed=seed)
+    x, y = ds.tensors()
+    bar = progress(desc="lesions", unit="layer")
+    try:
+        result = importance(loaded.module, layer_map, clusters, x, y, n_random=n_random, seed=seed,
+                            num_classes=loaded.num_classes, batch_size=batch_size, device=device, exact=exact,
+                            on_layer=lambda _: bar.update(1))
+    finally:
+        bar.close()
+    doc = {"model": loaded.source, "data": data, "examples": int(x.shape[0]), **result.to_json()}
+    if out:
+        write_json(out, doc)
+    emit(doc, as_json, _human)
+
+
+def _human(doc: dict) -> str:
+    lines = [f"{doc['model']} on {doc['data']} ({doc['examples']} examples): accuracy {doc['accuracy']:.4f}, "
+             f"{doc['random']} random sets per sub-cluster",
+             f"Fisher over sub-clusters: drop p {doc['fisher']['drop']:.3g}, "
+             f"specificity p {doc['fisher']['specificity']:.3g}",
+             f"{'cluster':>7} {'layer':<16} {'size':>5} {'drop':>8} {'random':>8} {'p':>7} {'q':>7} "
+             f"{'factor':>7} {'spec':>7} {'p':>7}"]
+    for t in doc["sub_clusters"]:
+        lines.append(f"{t['cluster']:>7} {t['layer']:<16} {t['size']:>5} {t['drop']:>8.4f} "
+                     f"{t['random_drop_mean']:>8.4f} {t['p_drop']:>7.3g} {t['q_drop']:>7.3g} "
+                     f"{t['effect_factor']:>7.2f} {t['specificity']:>7.2f} {t['p_specificity']:>7.3g}")
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""Clusterability: is a network's graph more clusterable than the same weights shuffled?
+
+The true graph's n-cut is compared with the n-cuts of `n` networks whose weights are shuffled
+within each layer (`shuffle.py`): p = (#{shuffled n-cut <= true} + 1) / (n + 1) and
+z = (true - mean) / std (population std). Low n-cut = more clusterable, so the test is
+left-tailed.
+
+Shuffle i depends only on (seed, i), so a long run can stop and resume from the n-cuts it has
+(`done`), and `on_result` lets the caller checkpoint and show progress.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import UsageError
+from ..util.seeding import derive
+from .graphs import NeuronGraph, WeightNetwork
+from .shuffle import METHODS, shuffle_weights
+from .spectral import Clustering, spectral_clustering
+from .stats import percentile_pvalue, zscore
+
+
+@dataclass(frozen=True)
+class ShuffleTest:
+    method: str
+    ncuts: np.ndarray  # n-cut of each shuffled network, in shuffle order
+    true_ncut: float
+
+    @property
+    def n(self) -> int:
+        return int(self.ncuts.size)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.ncuts)) if self.n else math.nan
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.ncuts)) if self.n else math.nan
+
+    @property
+    def z(self) -> float:
+        return float(zscore(self.true_ncut, self.ncuts)) if self.n else math.nan
+
+    @property
+    def p(self) -> float:
+        return float(percentile_pvalue(self.true_ncut, self.ncuts, "left")) if self.n else math.nan
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "n": self.n, "mean": self.mean, "std": self.std, "z": self.z, "p": self.p}
+
+
+@dataclass(frozen=True)
+class Clusterability:
+    clustering: Clustering  # of the true graph
+    shuffle: ShuffleTest
+
+
+def shuffle_seed(seed: int, index: int) -> int:
+    """The seed of shuffle `index` under a run seeded `seed` (independent of the run length)."""
+    return derive(seed, "shuffle", index)
+
+
+def shuffled_graph(network: WeightNetwork, method: str, seed: int) -> NeuronGraph:
+    """The weight graph of `network` with every layer's weights shuffled."""
+    weights = shuffle_weights([e.weight for e in network.edges], method, seed)
+    return network.with_weights(weights).graph()
+
+
+def shuffled_ncuts(make_graph: Callable[[int], NeuronGraph], k: int, n: int, *, seed: int = 0, n_init: int = 25,
+                   done: Sequence[float] = (), on_result: Callable[[int, float], None] | None = None) -> np.ndarray:
+    """n-cuts of shuffled graphs 0..n-1, `make_graph(i)` giving graph i.
+
+    The first len(done) are taken as already computed (resume); `on_result(i, ncut)` is
+    called after each new one. Every graph is clustered with the same `seed`.
+    """
+    if n < 0:
+        raise UsageError(f"number of shuffles must be >= 0, got {n}")
+    out = [float(v) for v in list(done)[:n]]
+    for i in range(len(out), n):
+        value = spectral_clustering(make_graph(i), k, seed=seed, n_init=n_init).ncut
+        out.append(value)
+        if on_result is not None:
+            on_result(i, value)
+    return np.asarray(out, dtype=np.float64)
+
+
+def clusterability(network: WeightNetwork | NeuronGraph, k: int, *, n_shuffles: int = 50, method: str = "layer",
+                   seed: int = 0, n_init: int = 25, make_shuffled: Callable[[int], NeuronGraph] | None = None,
+                   done: Sequence[float] = (), on_result: Callable[[int, float], None] | None = None) -> Clusterability:
+    """Cluster the true graph and test its n-cut against `n_shuffles` shuffled networks.
+
+    `network` is a WeightNetwork (its shuffles are made here) or a ready graph together with
+    `make_shuffled(i)` (e.g. activation graphs of shuffled models, built by the caller).
+    """
+    if method not in METHODS:
+        raise UsageError(f"unknown shuffle method {method!r}; use one of {', '.join(METHODS)}")
+    if isinstance(network, WeightNetwork):
+        graph = network.graph()
+        if make_shuffled is None:
+            def make_shuffled(i: int) -> NeuronGraph:
+                return shuffled_graph(network, method, shuffle_seed(seed, i))
+    else:
+        graph = network
+        if make_shuffled is None and n_shuffles > 0:
+            raise UsageError("shuffling a bare graph needs make_shuffled (the weights are not known)")
+    clustering = spectral_clustering(graph, k, seed=seed, n_init=n_init)
+    ncuts = shuffled_ncuts(make_shuffled, k, n_shuffles, seed=seed, n_init=n_init, done=done,
+                           on_result=on_result) if n_shuffles else np.zeros(0)
+    return Clusterability(clustering, ShuffleTest(method, ncuts, clustering.ncut))

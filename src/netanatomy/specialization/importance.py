@@ -1,0 +1,201 @@
+"""Importance of sub-clusters (Hod et al.): how much does silencing them hurt, and whom?
+
+Each sub-cluster (a cluster's units in one layer, 2 <= size <= 0.99 of the layer) is lesioned
+(its outputs set to 0) and compared with R random same-size sets of the same layer:
+- damage: test accuracy after the lesion; p = percentile of the true accuracy among the
+  random ones, left tail (more damage than random), with the +1 rule;
+- class specificity: S = (max_c d_c - min_c d_c) / max(mean_c d_c, floor), d_c the drop in
+  class c's accuracy and floor one example of the smallest class (so a lesion that changes
+  nothing does not divide by ~0); right tail against the random sets' S;
+- effect factor: the true accuracy drop over the mean random drop (floored the same way):
+  "this set does F times the damage of a random set of its size";
+- Fisher's method across a network's sub-clusters (one p per statistic), and
+  Benjamini-Hochberg q-values across all tests (sub-clusters x statistics).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.stats import benjamini_hochberg, fisher_combine, percentile_pvalue, zscore
+from ..errors import UsageError
+from ..models.layers import LayerMap
+from .lesion import LesionEvaluator
+from .subclusters import Cluster, SubCluster, keep_masks, random_sets, sub_clusters
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics on correct counts (pure)
+
+
+def _class_accuracy(correct: np.ndarray, totals: np.ndarray) -> np.ndarray:
+    present = totals > 0
+    return correct[..., present] / totals[present]
+
+
+def specificity(drops: np.ndarray, floor: float) -> np.ndarray:
+    """(max - min) / max(mean, floor) of per-class accuracy drops along the last axis."""
+    drops = np.asarray(drops, dtype=np.float64)
+    return (drops.max(axis=-1) - drops.min(axis=-1)) / np.maximum(drops.mean(axis=-1), floor)
+
+
+@dataclass(frozen=True)
+class LesionTest:
+    """One sub-cluster's lesion against its random sets."""
+
+    cluster: int
+    layer: str
+    units: np.ndarray
+    accuracy: float
+    drop: float
+    class_drop: np.ndarray          # per class present in the data
+    random_drop: np.ndarray         # [R]
+    p_drop: float
+    z_drop: float
+    specificity: float
+    random_specificity: np.ndarray  # [R]
+    p_specificity: float
+    effect_factor: float
+    q_drop: float = float("nan")
+    q_specificity: float = float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cluster": self.cluster, "layer": self.layer, "size": int(self.units.size),
+            "units": [int(u) for u in self.units], "accuracy": self.accuracy, "drop": self.drop,
+            "class_drop": self.class_drop, "random_drop_mean": float(self.random_drop.mean()),
+            "random_drop_std": float(self.random_drop.std()), "p_drop": self.p_drop, "q_drop": self.q_drop,
+            "z_drop": self.z_drop, "specificity": self.specificity,
+            "random_specificity_mean": float(self.random_specificity.mean()), "p_specificity": self.p_specificity,
+            "q_specificity": self.q_specificity, "effect_factor": self.effect_factor,
+        }
+
+
+def lesion_test(sub: SubCluster, base: np.ndarray, totals: np.ndarray, true: np.ndarray, random: np.ndarray
+                ) -> LesionTest:
+    """Statistics of one lesion from correct counts per class: base [C], true [C], random [R, C]."""
+    base, totals = np.asarray(base, np.float64), np.asarray(totals, np.float64)
+    true, random = np.asarray(true, np.float64), np.asarray(random, np.float64)
+    n = totals.sum()
+    floor = 1.0 / totals[totals > 0].min()
+    acc0, acc, acc_r = base.sum() / n, true.sum() / n, random.sum(axis=1) / n
+    class_drop = _class_accuracy(base, totals) - _class_accuracy(true, totals)
+    random_class_drop = _class_accuracy(base, totals)[None, :] - _class_accuracy(random, totals)
+    spec, spec_r = float(specificity(class_drop, floor)), specificity(random_class_drop, floor)
+    drop, drop_r = acc0 - acc, acc0 - acc_r
+    return LesionTest(
+        cluster=sub.cluster, layer=sub.layer, units=sub.units, accuracy=float(acc), drop=float(drop),
+        class_drop=class_drop, random_drop=drop_r,
+        p_drop=float(percentile_pvalue(acc, acc_r, "left")), z_drop=float(zscore(drop, drop_r)),
+        specificity=spec, random_specificity=spec_r, p_specificity=float(percentile_pvalue(spec, spec_r, "right")),
+        effect_factor=float(drop / max(drop_r.mean(), floor)),
+    )
+
+
+@dataclass
+class ImportanceResult:
+    accuracy: float
+    class_accuracy: np.ndarray
+    n_random: int
+    seed: int
+    tests: list[LesionTest]
+    methods: dict[str, str] = field(default_factory=dict)  # layer -> how lesions ran (fx-delta, fx, hook)
+
+    @property
+    def fisher_drop(self) -> float:
+        return fisher_combine([t.p_drop for t in self.tests])
+
+    @property
+    def fisher_specificity(self) -> float:
+        return fisher_combine([t.p_specificity for t in self.tests])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.accuracy, "class_accuracy": self.class_accuracy, "random": self.n_random,
+            "seed": self.seed, "sub_clusters": [t.to_json() for t in self.tests],
+            "fisher": {"drop": self.fisher_drop, "specificity": self.fisher_specificity},
+            "lesion_method": self.methods,
+        }
+
+
+def with_q_values(tests: list[LesionTest]) -> list[LesionTest]:
+    """Benjamini-Hochberg across all of a network's tests (both statistics of every sub-cluster)."""
+    if not tests:
+        return tests
+    q = benjamini_hochberg([t.p_drop for t in tests] + [t.p_specificity for t in tests])
+    m = len(tests)
+    return [LesionTest(**{**t.__dict__, "q_drop": float(q[i]), "q_specificity": float(q[m + i])})
+            for i, t in enumerate(tests)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def lesionable_layers(layer_map: LayerMap) -> dict[str, int]:
+    """Layers whose units can be silenced, name -> units: conv and linear layers but the last
+    (the logits). Concatenations and residual sums are left out (their units are other layers')."""
+    layers = [layer for layer in layer_map.values() if layer.kind in ("conv", "linear")]
+    return {layer.name: layer.units for layer in layers[:-1]}
+
+
+def importance(model: nn.Module, layer_map: LayerMap, clusters: Sequence[Cluster], x: torch.Tensor, y: torch.Tensor,
+               *, n_random: int = 19, seed: int = 0, num_classes: int | None = None, batch_size: int = 1000,
+               device: str | torch.device | None = None, exact: bool = False,
+               on_layer: Callable[[str], None] | None = None) -> ImportanceResult:
+    """Lesion every sub-cluster of `clusters` and R random same-size sets; see the module docstring.
+
+    All of one layer's lesions (sub-clusters and their random sets) run as one batch of masks
+    on a model split at that layer.
+    """
+    if n_random < 1:
+        raise UsageError(f"need at least 1 random set per sub-cluster, got {n_random}")
+    y = torch.as_tensor(y).long()
+    if y.numel() == 0 or int(y.min()) < 0:
+        raise UsageError("importance needs labelled data (every label >= 0)")
+    num_classes = int(num_classes or int(y.max()) + 1)
+    layers = lesionable_layers(layer_map)
+    subs = sub_clusters(clusters, layers)
+    if not subs:
+        raise UsageError("no sub-cluster to test: none has >= 2 units and <= 99% of a hidden layer "
+                         f"(lesionable layers: {', '.join(layers)})")
+    totals = torch.bincount(y, minlength=num_classes).numpy()
+    base = _base_counts(model, x, y, num_classes, batch_size, device)
+    tests, methods = [], {}
+    for layer_name in dict.fromkeys(s.layer for s in subs):
+        group = [s for s in subs if s.layer == layer_name]
+        layer = layer_map.resolve(layer_name)
+        masks = []
+        for s in group:
+            masks.append(s.mask()[None, :])
+            masks.append(keep_masks(random_sets(s, n_random, seed), s.layer_units))
+        evaluator = LesionEvaluator(model, layer, x, y, num_classes=num_classes, batch_size=batch_size,
+                                    device=device, exact=exact)
+        methods[layer_name] = evaluator.method
+        counts = evaluator.correct(torch.from_numpy(np.concatenate(masks))).numpy()
+        for i, s in enumerate(group):
+            block = counts[i * (n_random + 1):(i + 1) * (n_random + 1)]
+            tests.append(lesion_test(s, base, totals, block[0], block[1:]))
+        if on_layer is not None:
+            on_layer(layer_name)
+    acc_c = base / np.maximum(totals, 1)
+    return ImportanceResult(float(base.sum() / totals.sum()), acc_c, n_random, seed, with_q_values(tests), methods)
+
+
+def _base_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int,
+                 device: str | torch.device | None) -> np.ndarray:
+    dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()),
+                                                                torch.device("cpu"))
+    model.eval()
+    correct = torch.zeros(num_classes, dtype=torch.long)
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            xb, yb = x[start:start + batch_size].to(dev), y[start:start + batch_size].to(dev)
+            right = model(xb).argmax(dim=1) == yb
+            correct += torch.bincount(yb[right], minlength=num_classes).cpu()
+    return correct.numpy()
