@@ -195,14 +195,7 @@ def build():
 '''
 
 
-def test_examples_cli(tmp_path, capsys, monkeypatch):
-    from netanatomy.cli.commands import examples as command
-
-    try:
-        from netanatomy.data import open_dataset  # noqa: F401
-    except ImportError:  # the data readers are not in this tree yet: a stand-in data set
-        x, y = _spots(60, size=28)
-        monkeypatch.setattr(command, "open_data", lambda spec, split, limit, seed: TensorDataset(x[:limit], y[:limit]))
+def test_examples_cli(tmp_path, capsys):
     model = tmp_path / "net.py"
     model.write_text(MODEL_FILE)
     out = tmp_path / "ex"

@@ -177,3 +177,14 @@ def test_zoo_listing(capsys):
     assert code == 0, err
     names = {m["name"] for m in json.loads(out)["models"]}
     assert {"zoo:inceptionv1", "zoo:alexnet", "zoo:bandingnet", "zoo:mlp", "zoo:minception"} <= names
+
+
+def test_random_init_is_seeded_and_leaves_global_state_alone():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = load_model("zoo:minception", seed=4).module.state_dict()
+    b = load_model("zoo:minception", seed=4).module.state_dict()
+    c = load_model("zoo:minception", seed=5).module.state_dict()
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["conv1.weight"], c["conv1.weight"])

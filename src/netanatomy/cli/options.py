@@ -64,11 +64,14 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 
 
 def load_cli_model(model: str, weights: str | None, model_args: tuple[str, ...], device: str = "cpu",
-                   input_shape: str | None = None):
-    """Load a model as every command does, with --input-shape overriding what the model declares."""
+                   input_shape: str | None = None, seed: int = 0):
+    """Load a model as every command does, with --input-shape overriding what the model declares.
+
+    A model without --weights is randomly initialized under `seed`.
+    """
     from ..models import load_model
 
-    loaded = load_model(model, weights=weights, model_args=model_args, device=device)
+    loaded = load_model(model, weights=weights, model_args=model_args, device=device, seed=seed)
     shape = parse_shape(input_shape)
     if shape is not None:
         loaded.input_shape = shape

@@ -188,19 +188,25 @@ def _from_file(source: str, kwargs: dict[str, Any]) -> tuple[nn.Module, dict]:
 
 
 def load_model(source: str, *, weights: str | None = None, model_args: Sequence[str] | Mapping[str, Any] | None = None,
-               device: str | torch.device = "cpu", normalize: tuple[Sequence[float], Sequence[float]] | None = None) -> LoadedModel:
+               device: str | torch.device = "cpu", normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+               seed: int | None = 0) -> LoadedModel:
     """Build the model named by `source`, load `weights` strictly, and put it in eval mode on `device`.
 
-    `normalize=(mean, std)` adds input normalization to a user's model that expects it.
+    Random initialization runs under `seed` (without touching the global random state), so a
+    model without weights is the same model for the same seed. `normalize=(mean, std)` adds
+    input normalization to a user's model that expects it.
     """
     kwargs = parse_model_args(model_args)
     scheme, rest = split_source(source)
-    if scheme == "zoo":
-        module, info = _from_zoo(rest, kwargs)
-    elif scheme in ("torchvision", "timm"):
-        module, info = _from_hub(scheme, rest, kwargs)
-    else:
-        module, info = _from_file(rest, kwargs)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        if scheme == "zoo":
+            module, info = _from_zoo(rest, kwargs)
+        elif scheme in ("torchvision", "timm"):
+            module, info = _from_hub(scheme, rest, kwargs)
+        else:
+            module, info = _from_file(rest, kwargs)
     if weights:
         load_weights(module, weights)
         info["weights"] = str(weights)

@@ -40,7 +40,7 @@ def command(model, weights, model_args, input_shape, layers, permutations, metho
     from ...anatomy import model_banding
     from ...models.layers import discover_layers
 
-    loaded = load_cli_model(model, weights, model_args, device, input_shape)
+    loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
     layer_map = discover_layers(loaded.module, loaded.input_shape)
     records = model_banding(loaded.module, layer_map, list(layers) or None, n_permutations=permutations, seed=seed,
                             alpha=alpha, margin=margin, method=method, fold_bn=fold_bn)

@@ -43,10 +43,8 @@ def command(model, weights, model_args, input_shape, graph_kind, data, k, shuffl
 
     if graph_kind == "activations" and not data:
         raise UsageError("--graph activations needs --data")
-    import torch
 
-    torch.manual_seed(seed)  # a random-init model (no weights) is the same for the same seed
-    loaded = load_cli_model(model, weights, model_args, device, input_shape)
+    loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
     layer_map = discover_layers(loaded.module, loaded.input_shape)
     dataset = open_dataset(data, "test", seed=seed) if data else None
     layer_names = [layer_map.resolve(n).name for n in layers.split(",") if n.strip()] if layers else None

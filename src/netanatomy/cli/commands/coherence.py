@@ -35,10 +35,8 @@ def command(model, weights, model_args, input_shape, clusters_file, data, n_rand
 
     kind_list = [k.strip() for k in kinds.split(",") if k.strip()]
     clusters = read_clusters(clusters_file)
-    import torch
 
-    torch.manual_seed(seed)  # a random-init model (no weights) is the same for the same seed
-    loaded = load_cli_model(model, weights, model_args, device, input_shape)
+    loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
     layer_map = discover_layers(loaded.module, loaded.input_shape)
     layers = [name for name in lesionable_layers(layer_map)
               if any(layer == name for c in clusters for layer, _ in c.units)]

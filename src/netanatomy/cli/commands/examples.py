@@ -17,13 +17,6 @@ from ..options import (
 )
 
 
-def open_data(spec: str, split: str, limit: int | None, seed: int):
-    """The data set named by `spec` (see `netanatomy.data.open_dataset`)."""
-    from ...data import open_dataset
-
-    return open_dataset(spec, split, limit=limit, seed=seed)
-
-
 @click.command("examples")
 @model_argument
 @input_shape_option
@@ -53,12 +46,14 @@ def command(model, weights, model_args, input_shape, layer, data, split, units, 
     from ...util.io import save_png, write_json
     from ...visualize.examples import dataset_examples, examples_sheet
 
-    loaded = load_cli_model(model, weights, model_args, device, input_shape)
+    loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
     module = loaded.module
     layer_map = discover_layers(module, loaded.input_shape)
     resolved = layer_map.resolve(layer)
     unit_list = parse_units(units, resolved.units)
-    dataset = open_data(data, split, limit, seed)
+    from ...data import open_dataset
+
+    dataset = open_dataset(data, split, limit=limit, seed=seed)
     classes = list(getattr(dataset, "classes", None) or []) or None
     started = time.perf_counter()
     found = dataset_examples(module, resolved.name, dataset, units=unit_list, top_k=top_k, rank=rank, crop=crop,

@@ -46,7 +46,7 @@ def command(model, weights, model_args, input_shape, lower, upper, top, chunk, o
     from ...util.io import save_png, write_bytes, write_json
     from .weights import file_stem
 
-    loaded = load_cli_model(model, weights, model_args, device, input_shape)
+    loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
     layer_map = discover_layers(loaded.module, loaded.input_shape)
     res = expanded_weights(loaded.module, layer_map, lower, upper, chunk=chunk)
     result = {"model": loaded.source, "lower": res.lower, "upper": res.upper, "shape": list(res.weights.shape),

@@ -33,10 +33,8 @@ def command(model, weights, model_args, input_shape, clusters_file, data, n_rand
     from ...util.progress import progress
 
     clusters = read_clusters(clusters_file)
-    import torch
 
-    torch.manual_seed(seed)  # a random-init model (no weights) is the same for the same seed
-    loaded = load_cli_model(model, weights, model_args, device, input_shape)
+    loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
     layer_map = discover_layers(loaded.module, loaded.input_shape)
     ds = open_dataset(data, "test", limit=limit, seed=seed)
     x, y = ds.tensors()

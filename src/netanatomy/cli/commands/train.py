@@ -37,7 +37,7 @@ def command(model, weights, model_args, data, test_data, epochs, out, optimizer,
     from ...data import open_dataset
     from ...training import TrainConfig, train
 
-    loaded = load_cli_model(model, weights, model_args, device)
+    loaded = load_cli_model(model, weights, model_args, device, None, seed=seed)
     train_ds = open_dataset(data, "train", limit=limit, seed=seed)
     test_ds = open_dataset(test_data or data, "test", seed=seed)
     if restart:

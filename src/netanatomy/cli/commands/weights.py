@@ -35,7 +35,7 @@ def command(model, weights, model_args, input_shape, layer, out, mode, scale, fo
     from ...models.layers import discover_layers
     from ...util.io import save_png, write_json
 
-    loaded = load_cli_model(model, weights, model_args, device, input_shape)
+    loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
     layer_map = discover_layers(loaded.module, loaded.input_shape)
     lw = layer_weights(loaded.module, layer_map, layer, fold_bn=fold_bn)
     if not lw.spatial:
