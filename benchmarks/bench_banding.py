@@ -86,7 +86,7 @@ def reference_score(weights: np.ndarray, rng: np.random.Generator) -> dict:
             "orientation": orientation(h, v, p_h, p_v, kh, kw)}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few layers only, for a smoke run")
     parser.add_argument("--weights", default=None, help="InceptionV1 state dict to score instead of random weights")
@@ -144,7 +144,8 @@ def main() -> None:
         "tolerance": "H, V within 1e-9; same orientation; p within 0.05 or both at the resolution limit",
         "threads": 1,
     }))
+    return 0 if agree else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -66,7 +66,7 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return best, out
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="128 units instead of 1024, for a smoke run")
     parser.add_argument("--units", type=int, default=None)
@@ -115,7 +115,8 @@ def main() -> None:
     print(f"ours {ours_s:.3f} s (error {ours_error:.5f}), scikit-learn per unit {reference_s:.3f} s "
           f"(error {ref_error:.5f}): {reference_s / ours_s:.1f}x")
     print(json.dumps(result))
+    return 0 if result["agree"] else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

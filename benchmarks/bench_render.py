@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         "primary": primary["config"], "configs": results, "units": args.units, "reference_units": n_ref,
         "reference_extrapolated": True, "steps": steps, "threads": args.threads, "device": args.device,
     }))
-    return 0
+    return 0 if all(r["agree"] for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -228,3 +228,25 @@ def test_cli_clusters_resumes_from_checkpoint(tmp_path, capsys):
     assert run(args + ["--out", str(out)]) == 0
     planted = json.loads(capsys.readouterr().out)
     assert planted["shuffle"]["mean"] == pytest.approx(full["shuffle"]["mean"] + 1.5)
+
+
+def test_refined_float32_counts_equal_float64_counts_with_near_ties():
+    """Two classes whose logits differ by ~1e-7: float32 alone cannot decide, refinement does."""
+    import copy
+
+    from netanatomy.models.layers import discover_layers
+    from netanatomy.specialization.lesion import LesionEvaluator
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
+    with torch.no_grad():  # class 2 duplicates class 1 up to a tiny bias: every 1-vs-2 call is a near-tie
+        model[2].weight[2] = model[2].weight[1]
+        model[2].bias[2] = model[2].bias[1] + 1e-7
+    x = torch.randn(500, 6)
+    y = torch.randint(0, 3, (500,))
+    layer = discover_layers(model, (6,)).resolve("0")
+    masks = (torch.rand(12, 16) > 0.3).float()
+    exact = LesionEvaluator(copy.deepcopy(model).double(), layer, x.double(), y).correct(masks)
+    refined = LesionEvaluator(model, layer, x, y, refine=True)
+    assert torch.equal(refined.correct(masks), exact)
+    assert refined.refined_rows > 0

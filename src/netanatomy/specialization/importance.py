@@ -11,9 +11,13 @@ Each sub-cluster (a cluster's units in one layer, 2 <= size <= 0.99 of the layer
   "this set does F times the damage of a random set of its size";
 - Fisher's method across a network's sub-clusters (one p per statistic), and
   Benjamini-Hochberg q-values across all tests (sub-clusters x statistics).
+Accuracies are those of a float64 evaluation whatever the model's dtype: lesions run in the
+model's precision and near-tie predictions are recomputed in float64 (see `lesion.py`), so
+two runs, or two evaluation orders, cannot disagree on a rounding.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,7 +179,7 @@ def importance(model: nn.Module, layer_map: LayerMap, clusters: Sequence[Cluster
             masks.append(s.mask()[None, :])
             masks.append(keep_masks(random_sets(s, n_random, seed), s.layer_units))
         evaluator = LesionEvaluator(model, layer, x, y, num_classes=num_classes, batch_size=batch_size,
-                                    device=device, exact=exact)
+                                    device=device, exact=exact, refine=True)
         methods[layer_name] = evaluator.method
         counts = evaluator.correct(torch.from_numpy(np.concatenate(masks))).numpy()
         for i, s in enumerate(group):
@@ -191,11 +195,13 @@ def _base_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes
                  device: str | torch.device | None) -> np.ndarray:
     dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()),
                                                                 torch.device("cpu"))
-    model.eval()
+    model = model.eval()
+    if next((p.dtype for p in model.parameters()), torch.float64) != torch.float64:
+        model = copy.deepcopy(model).double()  # the unlesioned accuracy in float64, like the lesions
     correct = torch.zeros(num_classes, dtype=torch.long)
     with torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
-            xb, yb = x[start:start + batch_size].to(dev), y[start:start + batch_size].to(dev)
+            xb, yb = x[start:start + batch_size].to(dev, torch.float64), y[start:start + batch_size].to(dev)
             right = model(xb).argmax(dim=1) == yb
             correct += torch.bincount(yb[right], minlength=num_classes).cpu()
     return correct.numpy()

@@ -11,9 +11,16 @@ gives z - W[:, S] h[S], a product over |S| inputs instead of all of them ("delta
 result equals the masked forward up to float rounding; `exact=True` turns it off).
 Models that fx cannot trace fall back to a forward hook that multiplies the layer's output by
 the masks on the full network (still M masks per pass).
+
+Certified mixed precision (`refine=True`): the lesions run in float32, and only the rows whose
+top-two logit gap is within `refine_tol * (1 + max |logit|)` (far above float32 rounding of
+these networks) are recomputed in float64 on a float64 twin of the model. A prediction whose
+gap exceeds what rounding can move is the float64 prediction, so the counts are those of a
+float64 evaluation at about the cost of a float32 one.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +60,8 @@ class LesionEvaluator:
 
     def __init__(self, model: nn.Module, layer: Layer, x: torch.Tensor, y: torch.Tensor, *,
                  num_classes: int | None = None, batch_size: int = 1000, chunk_elements: int = 1 << 20,
-                 device: str | torch.device | None = None, method: str = "auto", exact: bool = False):
+                 device: str | torch.device | None = None, method: str = "auto", exact: bool = False,
+                 refine: bool = False, refine_tol: float = 1e-3):
         if method not in ("auto", "fx", "hook"):
             raise UsageError(f"lesion method must be auto, fx or hook, not {method!r}")
         self.model = model.eval()
@@ -79,6 +87,14 @@ class LesionEvaluator:
             raise UsageError(f"layer {layer.name} is not one module's output; use the hook method")
         if self.split is None:
             self._hook_term = _hook_term(layer)
+        self.refine_tol = float(refine_tol)
+        self._twin: LesionEvaluator | None = None
+        self.refined_rows = 0
+        if refine and param is not None and param.dtype != torch.float64:
+            twin_model = copy.deepcopy(model).double()
+            self._twin = LesionEvaluator(twin_model, layer, x.double(), y, num_classes=self.num_classes,
+                                         batch_size=batch_size, chunk_elements=chunk_elements, device=device,
+                                         method=method, exact=exact)
 
     @property
     def method(self) -> str:
@@ -95,8 +111,28 @@ class LesionEvaluator:
                 xb = self.x[start:start + self.batch_size].to(self.device)
                 yb = self.y[start:start + self.batch_size].to(self.device)
                 for m0, logits in self._outputs(xb, masks):
+                    if self._twin is not None:
+                        logits = self._refined(logits, start, masks[m0:m0 + logits.shape[0]])
                     out[m0:m0 + logits.shape[0]] += self._count(logits, yb)
         return out
+
+    def _refined(self, logits: torch.Tensor, start: int, mb: torch.Tensor) -> torch.Tensor:
+        """Recompute in float64 the (mask, example) rows whose prediction rounding could flip."""
+        if logits.dim() != 3 or logits.shape[2] < 2:
+            return logits
+        top = logits.topk(2, dim=2).values
+        close = (top[..., 0] - top[..., 1]) <= self.refine_tol * (1 + logits.abs().amax(dim=2))
+        if not bool(close.any()):
+            return logits
+        logits = logits.double()
+        twin = self._twin
+        for i in torch.nonzero(close.any(dim=1)).flatten().tolist():
+            cols = torch.nonzero(close[i]).flatten()
+            xb = twin.x[start + cols.cpu()].to(twin.device)
+            _, exact_logits = next(twin._outputs(xb, mb[i:i + 1]))
+            logits[i, cols] = exact_logits[0].to(logits.device)
+            self.refined_rows += int(cols.numel())
+        return logits
 
     def outputs(self, xb: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Model outputs for one batch under every mask: [M, n, ...] (for checks and custom statistics)."""
