@@ -367,3 +367,17 @@ def test_render_cli(tmp_path, capsys):
     assert "did you mean" in capsys.readouterr().err
     assert run(["render", f"{model}:build", "--layer", "conv2", "--units", "0-9", "--out", str(tmp_path / "x")]) == 2
     assert run(["render", f"{model}:build", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_render_leaves_weight_layout_and_values_untouched():
+    from torch import nn
+
+    from netanatomy.visualize import channel, render
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3)).eval()
+    model.netanatomy_input_shape = (3, 16, 16)
+    before = [(p.data_ptr(), p.is_contiguous(), p.detach().clone()) for p in model.parameters()]
+    render(model, [channel("2", 0)], steps=3, show_progress=False)
+    after = list(model.parameters())
+    assert [(p.data_ptr(), p.is_contiguous()) for p in after] == [(ptr, c) for ptr, c, _ in before]
+    assert all(torch.equal(p, v) for p, (_, _, v) in zip(after, before))

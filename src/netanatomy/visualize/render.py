@@ -107,7 +107,7 @@ def render(model: nn.Module, objectives: Objective | str | Sequence[Objective | 
     images, values, history, diversity = [], [], [], {}
     chunks = [range(i, min(i + batch_size, len(objs))) for i in range(0, len(objs), batch_size)]
     bar = progress(total=steps * len(chunks), desc="render", unit="step", disable=None if show_progress else True)
-    with frozen_eval(model):
+    with frozen_eval(model, channels_last=prefers_channels_last(model, dev)):
         try:
             for chunk in chunks:
                 result = _render_batch(
@@ -146,17 +146,31 @@ def _model_device(model: nn.Module, device: str | torch.device | None) -> torch.
     return dev
 
 
+def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
+    """On a CPU, 2-d convolutions run up to twice as fast on channels-last weights."""
+    return device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
 @contextmanager
-def frozen_eval(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and frozen parameters (no weight gradients to compute), restored whatever happens."""
+def frozen_eval(model: nn.Module, channels_last: bool = False) -> Iterator[nn.Module]:
+    """Eval mode and frozen parameters (no weight gradients to compute), restored whatever happens.
+
+    With `channels_last`, 4-d weights are re-laid out for the duration and the original tensors
+    put back afterwards, so the user's model is left exactly as it was.
+    """
     training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    layouts = [(p, p.data) for p in model.parameters() if p.dim() == 4] if channels_last else []
     try:
         model.eval()
         for p, _ in flags:
             p.requires_grad_(False)
+        for p, data in layouts:
+            p.data = data.contiguous(memory_format=torch.channels_last)
         yield model
     finally:
+        for p, data in layouts:
+            p.data = data
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(training)
