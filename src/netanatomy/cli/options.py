@@ -80,21 +80,11 @@ def load_cli_model(model: str, weights: str | None, model_args: tuple[str, ...],
 
 def parse_units(text: str | None, count: int) -> list[int]:
     """'0-63', '1,5,9', '0-3,10' -> unit indices, checked against the layer's `count` units."""
+    from ..visualize.objectives import parse_unit_list
+
     if not text:
         return list(range(count))
-    units: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part:
-                lo, hi = (int(v) for v in part.split("-", 1))
-                units.extend(range(lo, hi + 1))
-            else:
-                units.append(int(part))
-        except ValueError:
-            raise click.BadParameter(f"{text!r} is not a unit list like 0-63 or 1,5,9", param_hint="--units") from None
+    units = parse_unit_list(text)
     bad = [u for u in units if u < 0 or u >= count]
     if bad:
         raise click.BadParameter(f"unit {bad[0]} is out of range: the layer has {count} units (0-{count - 1})",

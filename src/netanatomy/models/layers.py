@@ -464,19 +464,26 @@ def _common_prefix_name(names: Sequence[str]) -> str:
     return prefix.rstrip("_.-/")
 
 
+class _Namer:
+    """Hands out layer names, suffixing '#k' to a name already given."""
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()
+
+    def __call__(self, name: str) -> str:
+        base, k = name, 1
+        while name in self.used:
+            name = f"{base}#{k}"
+            k += 1
+        self.used.add(name)
+        return name
+
+
 def _discover_fx(module: nn.Module, shape: tuple[int, ...]) -> LayerMap:
     g = _trace(module, shape)
     aliases_inv = {full: short for short, full in (getattr(module, "netanatomy_aliases", {}) or {}).items()}
     layers: list[Layer] = []
-    used: set[str] = set()
-
-    def unique(name: str) -> str:
-        base, k = name, 1
-        while name in used:
-            name = f"{base}#{k}"
-            k += 1
-        used.add(name)
-        return name
+    unique = _Namer()
 
     def display(module_name: str) -> str:
         return aliases_inv.get(module_name, module_name)
@@ -717,15 +724,7 @@ def _discover_modules(module: nn.Module, shape: tuple[int, ...]) -> LayerMap:
     calls = _record_calls(module, shape)
     aliases_inv = {full: short for short, full in (getattr(module, "netanatomy_aliases", {}) or {}).items()}
     found: list[tuple[int, Layer]] = []
-    used: set[str] = set()
-
-    def unique(name: str) -> str:
-        base, k = name, 1
-        while name in used:
-            name = f"{base}#{k}"
-            k += 1
-        used.add(name)
-        return name
+    unique = _Namer()
 
     def reader_of(value: torch.Tensor, after: int, kinds: tuple) -> _Call | None:
         """The first later call of a module of `kinds` whose input is exactly `value`."""

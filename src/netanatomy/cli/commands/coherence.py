@@ -15,25 +15,36 @@ from ..options import device_option, emit, input_shape_option, json_option, load
 @click.option("--random", "n_random", type=click.IntRange(1), default=19, show_default=True,
               help="Random same-size sets per sub-cluster.")
 @click.option("--kind", "kinds", default="dataset,correlation", show_default=True,
-              help="Comma-separated: dataset (label entropy of top inputs), correlation (mean Spearman^2).")
+              help="Comma-separated: dataset (label entropy of top inputs), correlation (mean Spearman^2), "
+                   "visualization (render each set: prediction entropy and objective reached), or all.")
 @click.option("--top", type=click.IntRange(1), default=10, show_default=True, help="Top inputs per set (dataset).")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N test examples.")
+@click.option("--steps", type=click.IntRange(1), default=256, show_default=True,
+              help="Render steps per image (visualization); all sets render in one batch.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON result here.")
 @seed_option
 @device_option
 @json_option
-def command(model, weights, model_args, input_shape, clusters_file, data, n_random, kinds, top, limit, out, seed,
-            device, as_json) -> None:
-    """Score each sub-cluster's coherence against R random same-size sets of its layer."""
+def command(model, weights, model_args, input_shape, clusters_file, data, n_random, kinds, top, limit, steps, out,
+            seed, device, as_json) -> None:
+    """Score each sub-cluster's coherence against R random same-size sets of its layer: label
+    entropy of its top inputs, correlation of its units, and (--kind visualization) the
+    network's prediction entropy on its feature visualization and the objective reached."""
     from ...data import open_dataset
+    from ...errors import UsageError
     from ...models.layers import discover_layers
-    from ...specialization.coherence import coherence
+    from ...specialization.coherence import KINDS, coherence, unit_scales
     from ...specialization.extract import activation_values
     from ...specialization.importance import lesionable_layers
     from ...specialization.subclusters import read_clusters
     from ...util.io import write_json
 
     kind_list = [k.strip() for k in kinds.split(",") if k.strip()]
+    kind_list = list(KINDS) if kind_list == ["all"] else kind_list
+    unknown = [k for k in kind_list if k not in KINDS]
+    if unknown or not kind_list:
+        raise UsageError(f"unknown coherence kind {unknown[0] if unknown else kinds!r}; use "
+                         f"{', '.join(KINDS)} or all")
     clusters = read_clusters(clusters_file)
 
     loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
@@ -43,8 +54,11 @@ def command(model, weights, model_args, input_shape, clusters_file, data, n_rand
     ds = open_dataset(data, "test", limit=limit, seed=seed)
     values, labels = activation_values(loaded.module, layers, ds, max_examples=None, seed=seed, device=device,
                                        input_shape=loaded.input_shape) if layers else ({}, None)
+    scales = unit_scales(loaded.module, layers, ds, max_examples=None, seed=seed, device=device,
+                         input_shape=loaded.input_shape) if layers and "visualization" in kind_list else None
     result = coherence(values, labels, clusters, n_random=n_random, seed=seed, top=top, kinds=kind_list,
-                       num_classes=loaded.num_classes)
+                       num_classes=loaded.num_classes, model=loaded.module, unit_scale=scales, steps=steps,
+                       input_shape=loaded.input_shape, device=device, show_progress=True)
     doc = {"model": loaded.source, "data": data, "examples": len(ds), **result.to_json()}
     if out:
         write_json(out, doc)
@@ -53,10 +67,11 @@ def command(model, weights, model_args, input_shape, clusters_file, data, n_rand
 
 def _human(doc: dict) -> str:
     lines = [f"{doc['model']} on {doc['data']} ({doc['examples']} examples), {doc['random']} random sets, "
-             f"top {doc['top']}",
+             f"top {doc['top']}" + (f", {doc['render']['images']} renders of {doc['render']['steps']} steps "
+                                    f"(objective {doc['render']['objective']})" if doc.get("render") else ""),
              "Fisher over sub-clusters: " + ", ".join(f"{k} p {v:.3g}" for k, v in doc["fisher"].items()),
-             f"{'cluster':>7} {'layer':<16} {'size':>5} {'kind':<12} {'value':>8} {'random':>8} {'p':>7} {'q':>7}"]
+             f"{'cluster':>7} {'layer':<16} {'size':>5} {'kind':<23} {'value':>8} {'random':>8} {'p':>7} {'q':>7}"]
     for t in doc["tests"]:
-        lines.append(f"{t['cluster']:>7} {t['layer']:<16} {t['size']:>5} {t['kind']:<12} {t['value']:>8.4f} "
+        lines.append(f"{t['cluster']:>7} {t['layer']:<16} {t['size']:>5} {t['kind']:<23} {t['value']:>8.4f} "
                      f"{t['random_mean']:>8.4f} {t['p']:>7.3g} {t['q']:>7.3g}")
     return "\n".join(lines)

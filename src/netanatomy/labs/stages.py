@@ -1,0 +1,76 @@
+"""Resumable stages: each step of a lab writes its result once and is re-used on the next run.
+
+A stage's result lives in `FOLDER/NAME.json` as {"settings", "key", "result", "seconds"},
+written atomically when the stage completes. A later run re-uses it when the settings are the
+same (compared as JSON) and recomputes it when they differ, so changing an option recomputes
+exactly the stages it touches. A stage's settings should hold the `key` of every stage it
+builds on, so that a recomputed upstream stage invalidates what follows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..util.io import dumps, write_json
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    """A short, stable hash of JSON-able settings (key order does not matter)."""
+    text = json.dumps(json.loads(dumps(settings, indent=None)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class StageResult:
+    name: str
+    key: str
+    result: Any
+    reused: bool
+    seconds: float  # compute time of the run that made the result (also when re-used)
+
+
+def _normalized(settings: dict[str, Any]) -> Any:
+    return json.loads(dumps(settings, indent=None))
+
+
+def read_stage(folder: str | Path, name: str, settings: dict[str, Any]) -> StageResult | None:
+    """The stored result of stage `name` if it was made with these settings, else None."""
+    path = Path(folder) / f"{name}.json"
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None
+    if not isinstance(doc, dict) or doc.get("settings") != _normalized(settings) or "result" not in doc:
+        return None
+    return StageResult(name, str(doc.get("key")), doc["result"], True, float(doc.get("seconds") or 0.0))
+
+
+def run_stage(folder: str | Path, name: str, settings: dict[str, Any], compute: Callable[[], Any], *,
+              requires: Sequence[str | Path] = ()) -> StageResult:
+    """Re-use stage `name`'s stored result for these settings, or compute and store it.
+
+    `requires` lists files the result depends on (e.g. trained weights): if one is missing the
+    stage is recomputed even when its result file is there.
+    """
+    folder = Path(folder)
+    stored = read_stage(folder, name, settings)
+    if stored is not None and all(Path(p).exists() for p in requires):
+        return stored
+    began = time.perf_counter()
+    result = compute()
+    seconds = time.perf_counter() - began
+    key = settings_key(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / f"{name}.json", {"settings": settings, "key": key, "result": result, "seconds": seconds})
+    # read back so that a computed and a re-used result look the same (plain JSON values)
+    return StageResult(name, key, json.loads(dumps(result, indent=None)), False, seconds)
+
+
+__all__ = ["StageResult", "read_stage", "run_stage", "settings_key"]
