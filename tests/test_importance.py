@@ -250,3 +250,20 @@ def test_refined_float32_counts_equal_float64_counts_with_near_ties():
     refined = LesionEvaluator(model, layer, x, y, refine=True)
     assert torch.equal(refined.correct(masks), exact)
     assert refined.refined_rows > 0
+
+
+def test_lesions_apply_the_models_own_input_normalization_hook():
+    """torchvision/timm models normalize through a root forward pre-hook: the split prefix must run it."""
+    from netanatomy.data import open_dataset
+    from netanatomy.models import load_model
+    from netanatomy.models.layers import discover_layers
+    from netanatomy.specialization.lesion import LesionEvaluator
+
+    loaded = load_model("zoo:mlp-fmnist", normalize=((0.5,), (0.25,)))
+    x, y = open_dataset("bundled", "test", limit=500).tensors()
+    with torch.no_grad():
+        plain = int((loaded.module(x).argmax(1) == y).sum())
+    layer = discover_layers(loaded.module, loaded.input_shape).resolve("fc2")
+    evaluator = LesionEvaluator(loaded.module, layer, x, y)
+    assert evaluator.method.startswith("fx")
+    assert int(evaluator.correct(torch.ones(1, layer.units)).sum()) == plain

@@ -23,9 +23,11 @@ def _fresh(source="zoo:mlp", **kwargs):
 def test_training_learns_and_writes_loadable_checkpoints(small_data, tmp_path):
     train_ds, test_ds = small_data
     out = tmp_path / "mlp.safetensors"
+    rng_before = torch.get_rng_state()
     result = train(_fresh(widths=(64, 64)), train_ds, test_ds, TrainConfig(epochs=2, batch_size=32, optimizer="adam", seed=1), out,
                    show_progress=False)
     assert result.test_accuracy > 0.6  # 10 classes: chance is 0.1
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's random state is given back
     assert len(result.history) == 2 and all("test_accuracy" in h for h in result.history)
     assert out.is_file() and (tmp_path / "mlp.safetensors.resume.pt").is_file()
     meta = json.loads((tmp_path / "mlp.safetensors.json").read_text())

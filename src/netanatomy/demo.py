@@ -188,7 +188,7 @@ def render_markdown(s: dict[str, Any]) -> str:
                  + (": " + ", ".join(f"{b['layer']} {b['orientation']}" for b in banded) if banded else ""))
     if w["svd"]:
         shares = ", ".join(f"{v:.2f}" for v in w["svd"]["shares"][:3])
-        lines.append(f"- SVD of |W| {w['svd']['lower']} -> {w['svd']['upper']}: first shares of variance {shares}")
+        lines.append(f"- SVD of |W| {w['svd']['lower']} -> {w['svd']['upper']}: shares of the squared norm s²/Σs² of the first singular values {shares}")
     for p in w["nmf_pictures"]:
         lines.append(f"- NMF weight pictures of {p['layer']} ({p['units']} units): {p['png']}")
     mod = s["modules"]

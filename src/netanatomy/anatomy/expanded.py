@@ -55,12 +55,43 @@ class Linearized(TorchFunctionMode):
     padding with an infinite value (how some ports pad before a max-pool) -> zero padding;
     local response norm -> x / k^beta. Other nonlinearities are left alone and listed in
     `kept` (e.g. sigmoid), so a caller can say that the map is not fully linear.
+
+    Given the model, a submodule that defines `netanatomy_linear(x)` (its nearest linear map,
+    e.g. L2 pooling -> average pooling over the same window) has its output replaced by it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module | None = None) -> None:
         super().__init__()
         self.replaced: set[str] = set()
         self.kept: set[str] = set()
+        self._model = model
+        self._handles: list = []
+
+    def __enter__(self):
+        if self._model is not None:
+            for sub in self._model.modules():
+                if callable(getattr(sub, "netanatomy_linear", None)):
+                    self._handles.append(sub.register_forward_hook(self._substitute_module))
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._remove()
+            raise
+
+    def __exit__(self, *exc_info):
+        try:
+            return super().__exit__(*exc_info)
+        finally:
+            self._remove()
+
+    def _remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _substitute_module(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        self.replaced.add(type(module).__name__)
+        return module.netanatomy_linear(args[0])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -190,7 +221,7 @@ def _record(module: nn.Module, terms: Sequence[Any], x: Tensor) -> list[Tensor]:
             else:
                 h = target.register_forward_hook(fn)
             stack.callback(h.remove)
-        with Linearized():
+        with Linearized(module):
             module(x)
     if any(f is None for f in found):
         raise UsageError("a layer's values were not produced by the forward pass (is it on the input's path?)")
@@ -246,7 +277,7 @@ def expanded_weights(module: nn.Module, layer_map: LayerMap, lower: str, upper: 
         if not (0 <= py < h_up and 0 <= px < w_up):
             raise UsageError(f"position {(py, px)} is outside {up.name}'s {h_up}x{w_up} map")
         captured: list[Tensor | None] = [None] * len(up_terms)
-        with ExitStack() as stack, Linearized() as mode:
+        with ExitStack() as stack, Linearized(module) as mode:
             counts: dict[int, int] = {}
             for i, term in enumerate(up_terms):
                 target = module.get_submodule(term.module) if term.module else module

@@ -77,6 +77,8 @@ class LesionEvaluator:
         self.batch_size, self.chunk_elements = int(batch_size), int(chunk_elements)
         self.class_totals = torch.bincount(self.y, minlength=self.num_classes).cpu()
         self.split: _Split | None = None
+        if model._forward_pre_hooks_with_kwargs and method == "auto":
+            method = "hook"  # root pre-hooks that take kwargs: only the real forward runs them faithfully
         if method in ("auto", "fx") and layer.module:
             try:
                 self.split = _split_at(model, layer.module, allow_delta=not exact)
@@ -153,7 +155,7 @@ class LesionEvaluator:
                 yield m0, logits.view(mb.shape[0], n, *logits.shape[1:])
             return
         split = self.split
-        values = split.prefix(xb)
+        values = split.prefix(_root_pre_hooks(self.model, xb))
         post, rest = values[0], list(values[1:])
         z_full = rest.pop(0) if split.delta is not None else None
         for m0 in range(0, masks.shape[0], per_mask):
@@ -205,6 +207,18 @@ class LesionEvaluator:
         right = logits.argmax(dim=2) == yb.view(1, n)
         index = (torch.arange(k, device=yb.device).view(k, 1) * self.num_classes + yb.view(1, n))[right]
         return torch.bincount(index, minlength=k * self.num_classes).view(k, self.num_classes).cpu()
+
+
+def _root_pre_hooks(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the model's own forward pre-hooks (e.g. input normalization) make of `x`.
+
+    The fx prefix runs the traced forward, which skips the root module's hooks.
+    """
+    for hook in model._forward_pre_hooks.values():
+        result = hook(model, (x,))
+        if result is not None:
+            x = result[0] if isinstance(result, tuple) else result
+    return x
 
 
 def _hook_term(layer: Layer):

@@ -192,38 +192,14 @@ def train(model: nn.Module, train_data, test_data, config: TrainConfig, out: str
     began = time.perf_counter()
     step = start_epoch * steps_per_epoch
     last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
-    for epoch in range(start_epoch, last_epoch):
-        gen = torch_generator(derive(cfg.seed, "epoch", epoch))
-        torch.manual_seed(derive(cfg.seed, "dropout", epoch))
-        order = torch.randperm(x_train.shape[0], generator=gen)
-        model.train()
-        total_loss, total_correct, seen = 0.0, 0, 0
-        bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
-                       disable=None if show_progress else True)
-        for b in bar:
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            xb, yb = x_train[idx], y_train[idx]
-            if cfg.augment:
-                xb = _augment(xb, gen, cfg.flip)
-            xb, yb = xb.to(dev).contiguous(memory_format=memory_format) if xb.dim() == 4 else xb.to(dev), yb.to(dev)
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * _lr_factor(cfg, step, steps_per_epoch)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            total_loss += loss.item() * xb.shape[0]
-            total_correct += int((logits.argmax(1) == yb).sum())
-            seen += xb.shape[0]
-            if b % 20 == 0:
-                bar.set_postfix(loss=f"{total_loss / seen:.3f}")
-        record = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_accuracy": total_correct / seen}
-        if x_test is not None:
-            record["test_accuracy"], _ = evaluate(model, x_test, y_test, device=dev, num_classes=classes)
-        history.append(record)
-        _checkpoint(model, opt, epoch + 1, history, fingerprint, out, resume_path, meta, cfg)
+    # dropout draws from torch's global generator: seed it per epoch, and give the caller's state back
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        for epoch in range(start_epoch, last_epoch):
+            step = _train_epoch(model, opt, cfg, epoch, x_train, y_train, steps_per_epoch, step, dev, memory_format,
+                                show_progress, history)
+            if x_test is not None:
+                history[-1]["test_accuracy"], _ = evaluate(model, x_test, y_test, device=dev, num_classes=classes)
+            _checkpoint(model, opt, epoch + 1, history, fingerprint, out, resume_path, meta, cfg)
     acc = per_class = None
     if x_test is not None:
         acc, per_class = evaluate(model, x_test, y_test, device=dev, num_classes=classes)
@@ -232,6 +208,40 @@ def train(model: nn.Module, train_data, test_data, config: TrainConfig, out: str
     model.eval()
     return TrainResult(epochs_done=last_epoch, test_accuracy=acc, per_class_accuracy=per_class, history=history,
                        weights=str(out), resumed_from=start_epoch, seconds=time.perf_counter() - began)
+
+
+def _train_epoch(model, opt, cfg: TrainConfig, epoch: int, x_train, y_train, steps_per_epoch: int, step: int,
+                 dev, memory_format, show_progress: bool, history: list) -> int:
+    """One seeded epoch; appends its record to `history` and returns the global step count."""
+    gen = torch_generator(derive(cfg.seed, "epoch", epoch))
+    torch.manual_seed(derive(cfg.seed, "dropout", epoch))
+    order = torch.randperm(x_train.shape[0], generator=gen)
+    model.train()
+    total_loss, total_correct, seen = 0.0, 0, 0
+    bar = progress(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=None if show_progress else True)
+    for b in bar:
+        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        xb, yb = x_train[idx], y_train[idx]
+        if cfg.augment:
+            xb = _augment(xb, gen, cfg.flip)
+        xb = xb.to(dev).contiguous(memory_format=memory_format) if xb.dim() == 4 else xb.to(dev)
+        yb = yb.to(dev)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * _lr_factor(cfg, step, steps_per_epoch)
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        total_loss += loss.item() * xb.shape[0]
+        total_correct += int((logits.argmax(1) == yb).sum())
+        seen += xb.shape[0]
+        if b % 20 == 0:
+            bar.set_postfix(loss=f"{total_loss / seen:.3f}")
+    history.append({"epoch": epoch + 1, "train_loss": total_loss / seen, "train_accuracy": total_correct / seen})
+    return step
 
 
 def _checkpoint(model, opt, epoch, history, fingerprint, out: Path, resume_path: Path, meta, cfg) -> None:

@@ -36,7 +36,8 @@ def _table(result: dict) -> str:
 @json_option
 def command(model, weights, model_args, input_shape, layers, permutations, method, alpha, margin, fold_bn, seed,
             device, as_json) -> None:
-    """Score weight banding in every conv layer of MODEL (and a final linear layer on an unpooled map)."""
+    """Score weight banding in every conv layer of MODEL, and in every linear layer that reads a
+    flattened map (scored on its weights reshaped to [units, C, h, w])."""
     from ...anatomy import model_banding
     from ...models.layers import discover_layers
 

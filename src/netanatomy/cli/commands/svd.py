@@ -29,7 +29,9 @@ def _human(r: dict) -> str:
 @input_shape_option
 @click.option("--layer", required=True, metavar="LAYER", help="Upper layer (a conv or linear layer).")
 @click.option("--lower", default=None, metavar="LAYER",
-              help="Lower layer [default: the layer feeding LAYER; a concatenation counts as one layer].")
+              help="Name of the layer whose units are LAYER's input columns (used to label them and, for a "
+                   "first layer, to draw its filters) [default: the layer feeding LAYER; a concatenation counts "
+                   "as one layer]. The matrix is always LAYER's own |W|.")
 @click.option("--center", is_flag=True, help="Remove the mean of |W| first (vector 0 becomes the main contrast).")
 @click.option("--components", type=click.IntRange(1), default=2, show_default=True,
               help="Singular vectors to report per unit.")

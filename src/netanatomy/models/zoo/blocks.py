@@ -39,8 +39,11 @@ class Normalize(nn.Module):
     """(x - mean) / std per channel, with constants kept out of the state dict.
 
     Zoo models take images in [0, 1] and normalize inside `forward`, so weights trained on
-    normalized inputs work on any data set reader without a separate transform.
+    normalized inputs work on any data set reader without a separate transform. Marked
+    transparent: it keeps channels, so the walks that find a first layer pass through it.
     """
+
+    netanatomy_transparent = True
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
@@ -136,7 +139,11 @@ class L2Pool(nn.Module):
     """sqrt(mean of squares) over each window: the pooling of the Weight Banding network.
 
     `eps` keeps the gradient finite where a whole window is zero (common after a ReLU).
+    Marked transparent (it keeps channels); its nearest linear map, used for expanded weights,
+    is the average pool over the same window.
     """
+
+    netanatomy_transparent = True
 
     def __init__(self, kernel_size: int = 3, stride: int = 2, padding: int | None = None, eps: float = 1e-6):
         super().__init__()
@@ -148,6 +155,10 @@ class L2Pool(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         mean_sq = F.avg_pool2d(x * x, self.kernel_size, self.stride, self.padding, count_include_pad=False)
         return torch.sqrt(mean_sq + self.eps)
+
+    def netanatomy_linear(self, x: Tensor) -> Tensor:
+        """The nearest linear map: at equal inputs, sqrt(mean(x^2)) moves like mean(x)."""
+        return F.avg_pool2d(x, self.kernel_size, self.stride, self.padding, count_include_pad=False)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
