@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import connected_components
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import squareform
 from torch import Tensor
 
 __all__ = [
@@ -130,12 +130,21 @@ def _self_match(filters: Tensor, angle: float) -> Tensor:
 
 def _families(score: Tensor, angle: Tensor, threshold: float, min_size: int,
               periods: dict[int, float | None]) -> list[RotationFamily]:
+    """Complete-linkage groups: every pair of a family matches at `threshold` or better.
+
+    (Connected components would chain: a ~ b and b ~ c would put a and c together even when a
+    and c are not rotated copies of each other.)
+    """
     sym = 0.5 * (score + score.T)
-    adj = (sym >= threshold).numpy()
-    np.fill_diagonal(adj, False)
-    n_comp, labels = connected_components(csr_matrix(adj), directed=False)
+    n = sym.shape[0]
+    if n < 2:
+        return []
+    dist = np.clip(1.0 - sym.numpy(), 0.0, None)
+    np.fill_diagonal(dist, 0.0)
+    tree = linkage(squareform(dist, checks=False), method="complete")
+    labels = fcluster(tree, t=1.0 - threshold, criterion="distance")
     families = []
-    for comp in range(n_comp):
+    for comp in np.unique(labels):
         members = np.flatnonzero(labels == comp)
         if len(members) < min_size:
             continue
@@ -146,7 +155,7 @@ def _families(score: Tensor, angle: Tensor, threshold: float, min_size: int,
         modulus = period if period else 360.0
         angles = [0.0 if int(m) == ref else float(angle[ref, m]) % modulus for m in members]
         scores = [1.0 if int(m) == ref else float(score[ref, m]) for m in members]
-        order = np.argsort(angles, kind="stable")
+        order = np.argsort(angles, kind="stable")  # members sorted by their angle from the reference
         families.append(RotationFamily([int(members[i]) for i in order], [round(angles[i], 3) for i in order],
                                        ref, period, [scores[i] for i in order]))
     families.sort(key=lambda f: (-len(f.units), f.units[0]))
@@ -158,7 +167,7 @@ def rotation_families(filters: Tensor, *, step: float = 2.5, threshold: float = 
     """Families of first-layer filters [U, C, k, k] that are rotated copies at any angle.
 
     Two filters are linked when the mean of their two best rotated matches reaches
-    `threshold`; families are connected components with at least `min_size` units.
+    `threshold`; families are complete-linkage groups (every pair linked) of at least `min_size` units.
     """
     score, angle = rotation_scores(filters, step)
     self45, self90, self180 = (_self_match(filters, a) for a in (45.0, 90.0, 180.0))
