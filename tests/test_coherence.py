@@ -3,16 +3,21 @@ import json
 import numpy as np
 import pytest
 import scipy.stats as sps
+import torch
 
 from netanatomy.cli.main import run
+from netanatomy.errors import UsageError
+from netanatomy.models.zoo.mlp import MLP
 from netanatomy.specialization.coherence import (
     coherence,
     full_spearman_squared,
     mean_pair_correlation,
+    prediction_entropy,
+    scaled_transforms,
     top_inputs_entropy,
+    visualization_scores,
 )
 from netanatomy.specialization.subclusters import Cluster
-from netanatomy.errors import UsageError
 
 
 def planted_values(n: int = 600, units: int = 200, seed: int = 0):
@@ -69,12 +74,94 @@ def test_mean_pair_correlation_matches_scipy():
     assert r2[4].sum() == 0.0 and got[1] == pytest.approx(r2[3, 5] / 3)
 
 
-def test_visualization_coherence_is_not_claimed_yet():
+def planted_class_mlp(hidden: int = 64, seed: int = 0) -> MLP:
+    """784-hidden-10 MLP: hidden units 0-3 share one input direction and alone feed class 0's
+    logit; every other unit feeds nothing, so rendering them leaves the logits near 0."""
+    g = torch.Generator().manual_seed(seed)
+    net = MLP(widths=(hidden,), num_classes=10, normalize=False)
+    with torch.no_grad():
+        net.fc1.weight.copy_(torch.randn(hidden, 784, generator=g) / 28.0)
+        net.fc1.bias.zero_()
+        shared = torch.randn(784, generator=g) / 28.0
+        net.fc1.weight[:4] = shared + 0.1 * net.fc1.weight[:4]
+        net.fc2.weight.zero_()
+        net.fc2.bias.zero_()
+        net.fc2.weight[0, :4] = 1.0
+    return net.eval()
+
+
+def planted_class_values(net: MLP, n: int = 400) -> dict[str, np.ndarray]:
+    x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return {"fc1": net.fc1(x.flatten(1)).double().numpy()}
+
+
+def test_visualization_planted_class_unit_is_coherent(monkeypatch):
+    import netanatomy.visualize as visualize
+
+    net = planted_class_mlp()
+    values = planted_class_values(net)
+    scales = {"fc1": (values["fc1"].mean(0), values["fc1"].std(0))}
+    module = Cluster(0, tuple(("fc1", u) for u in range(4)))
+    blind = Cluster(1, tuple(("fc1", u) for u in range(20, 24)))
+    calls = []
+    real_render = visualize.render
+    monkeypatch.setattr(visualize, "render", lambda model, objs, **kw: calls.append(len(objs)) or
+                        real_render(model, objs, **kw))
+    result = coherence(values, None, [module, blind], kinds=["visualization"], model=net, unit_scale=scales,
+                       n_random=59, steps=64, seed=0)
+    assert calls == [2 * 60]  # every sub-cluster and every random set in one batched render
+    by = {(t.cluster, t.kind): t for t in result.tests}
+    ent, obj = by[0, "visualization_entropy"], by[0, "visualization_objective"]
+    assert ent.value < 0.1 and ent.tail == "left"  # the rendering is confidently class 0
+    assert ent.p == pytest.approx(1 / 60) and ent.q < 0.05
+    assert obj.value > obj.random.max() and obj.p == pytest.approx(1 / 60) and obj.tail == "right"
+    assert by[1, "visualization_entropy"].p > 0.05 and by[1, "visualization_objective"].p > 0.05
+    doc = result.to_json()
+    assert set(doc["fisher"]) == {"visualization_entropy", "visualization_objective"}
+    assert doc["render"]["objective"] == "standardized" and doc["render"]["images"] == 120
+    assert doc["render"]["transforms"]["pad"] == 2  # Lucid's pad 12 scaled to a 28-pixel input
+    assert tuple(result.renderings[0, "fc1"].shape) == (1, 28, 28)
+    again = coherence(values, None, [module, blind], kinds=["visualization"], model=net, unit_scale=scales,
+                      n_random=59, steps=64, seed=0)
+    assert [t.value for t in again.tests] == [t.value for t in result.tests]
+
+
+def test_visualization_scores_standardize_per_unit():
+    net = planted_class_mlp(hidden=16)
+    values = planted_class_values(net, 200)
+    mean, std = values["fc1"].mean(0), values["fc1"].std(0)
+    scores = visualization_scores(net, [("fc1", [0, 1]), ("fc1", [5, 9, 12])], unit_scale={"fc1": (mean, std)},
+                                  steps=8, transforms=None)
+    with torch.no_grad():
+        pre = net.fc1(scores.images.flatten(1)).double().numpy()
+    np.testing.assert_allclose(scores.raw, [pre[0, [0, 1]].mean(), pre[1, [5, 9, 12]].mean()], rtol=1e-5)
+    expected = [((pre[0, [0, 1]] - mean[[0, 1]]) / std[[0, 1]]).mean(),
+                ((pre[1, [5, 9, 12]] - mean[[5, 9, 12]]) / std[[5, 9, 12]]).mean()]
+    np.testing.assert_allclose(scores.objective, expected, rtol=1e-4)
+    with torch.no_grad():
+        p = torch.softmax(net(scores.images).double(), 1)
+    np.testing.assert_allclose(scores.entropy, -(p * torch.log2(p)).sum(1).numpy(), rtol=1e-6)
+    assert scores.standardized and scores.images.shape == (2, 1, 28, 28)
+
+
+def test_prediction_entropy_and_scaled_transforms():
+    np.testing.assert_allclose(prediction_entropy(torch.zeros(2, 8)), [3.0, 3.0])
+    assert 0 < prediction_entropy(torch.tensor([[200.0, 0.0]]))[0] < 1e-80  # float64: small, not 0
+    t = scaled_transforms(28, 28)
+    assert (t.pad, t.jitter, t.jitter2, t.scale, t.angle) == (2, 1, 1, (0.9, 1.1), (-10.0, 10.0))
+    assert scaled_transforms(224, 224).pad == 12
+
+
+def test_coherence_kinds_are_checked():
     values, labels = planted_values(100)
-    with pytest.raises(UsageError, match="not available yet"):
-        coherence(values, labels, [Cluster(0, (("h", 0), ("h", 1)))], kinds=["visualization"])
+    two = [Cluster(0, (("h", 0), ("h", 1)))]
+    with pytest.raises(UsageError, match="needs the model"):
+        coherence(values, labels, two, kinds=["visualization"])
+    with pytest.raises(UsageError, match="unknown coherence kind"):
+        coherence(values, labels, two, kinds=["vision"])
     with pytest.raises(UsageError):
-        coherence(values, None, [Cluster(0, (("h", 0), ("h", 1)))], kinds=["dataset"])
+        coherence(values, None, two, kinds=["dataset"])
 
 
 def test_cli_coherence(tmp_path, capsys):
@@ -90,5 +177,16 @@ def test_cli_coherence(tmp_path, capsys):
     assert doc["examples"] == 300 and doc["random"] == 5
     assert {(t["cluster"], t["layer"], t["kind"]) for t in doc["tests"]} == {
         (0, "fc2", "dataset"), (0, "fc2", "correlation"), (1, "fc3", "dataset"), (1, "fc3", "correlation")}
+    code = run(["coherence", "zoo:mlp-fmnist", "--clusters", str(clusters), "--data", "bundled", "--random", "3",
+                "--limit", "300", "--kind", "visualization", "--steps", "8", "--json"])
+    assert code == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(t["cluster"], t["kind"]) for t in doc["tests"]] == [
+        (0, "visualization_entropy"), (0, "visualization_objective"),
+        (1, "visualization_entropy"), (1, "visualization_objective")]
+    assert doc["render"] == {"steps": 8, "lr": 0.05, "objective": "standardized", "images": 8,
+                             "transforms": {"pad": 2, "jitter": 1, "scale": [0.9, 1.1], "angle": [-10.0, 10.0],
+                                            "jitter2": 1}}
     assert run(["coherence", "zoo:mlp-fmnist", "--clusters", str(clusters), "--data", "bundled",
-                "--kind", "visualization"]) == 2
+                "--kind", "visualisation"]) == 2
+    assert "unknown coherence kind 'visualisation'" in capsys.readouterr().err

@@ -49,7 +49,7 @@ def read_stage(folder: str | Path, name: str, settings: dict[str, Any]) -> Stage
         return None
     if not isinstance(doc, dict) or doc.get("settings") != _normalized(settings) or "result" not in doc:
         return None
-    return StageResult(name, str(doc.get("key")), doc["result"], True, float(doc.get("seconds") or 0.0))
+    return StageResult(name, settings_key(settings), doc["result"], True, float(doc.get("seconds") or 0.0))
 
 
 def run_stage(folder: str | Path, name: str, settings: dict[str, Any], compute: Callable[[], Any], *,

@@ -164,6 +164,7 @@ def visualization_scores(model: nn.Module, sets: Sequence[tuple[str, Sequence[in
     """
     from ..models.layers import discover_layers
     from ..visualize import direction, objective_values, render, units
+    from ..visualize.render import frozen_eval
 
     if not sets:
         raise UsageError("no sets to render")
@@ -180,14 +181,9 @@ def visualization_scores(model: nn.Module, sets: Sequence[tuple[str, Sequence[in
                        transforms=transforms, input_shape=shape, device=device, show_progress=show_progress)
     images = rendering.images
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            step = batch_size or images.shape[0]
-            logits = torch.cat([model(images[i:i + step].to(dev)).float().cpu() for i in range(0, images.shape[0], step)])
-    finally:
-        model.train(was_training)
+    step = batch_size or images.shape[0]
+    with frozen_eval(model), torch.no_grad():
+        logits = torch.cat([model(images[i:i + step].to(dev)).float().cpu() for i in range(0, len(images), step)])
     raw = np.asarray(rendering.values, dtype=np.float64)
     objective = raw
     if unit_scale is not None:

@@ -1,0 +1,93 @@
+"""`netanatomy lab NAME`: reproductions of published experiments, one subcommand per lab.
+
+Each lab is resumable (re-running re-uses what is done) and writes a results table beside the
+published numbers. A new lab is one more subcommand of the `command` group below, with its
+work in `netanatomy.labs.NAME`.
+"""
+from __future__ import annotations
+
+import click
+
+from ..options import device_option, emit, json_option
+
+
+@click.group("lab")
+def command() -> None:
+    """Reproduce a paper's experiment and write a results table beside its published numbers."""
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """'0,1,2' or '0-2' -> (0, 1, 2)."""
+    seeds: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            if "-" in part[1:]:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                seeds.extend(range(lo, hi + 1))
+            else:
+                seeds.append(int(part))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a list of seeds like 0,1,2 or 0-4", param_hint="--seeds") from None
+    if not seeds:
+        raise click.BadParameter("give at least one seed", param_hint="--seeds")
+    return tuple(seeds)
+
+
+@command.command("specialization", short_help="Clusterability, importance and coherence of the Fashion-MNIST MLP.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/lab-specialization", show_default=True,
+              help="Folder for checkpoints, stage results and the results table (re-used on a re-run).")
+@click.option("--seeds", default=None, metavar="LIST", help="Networks to train, e.g. 0,1,2 or 0-4  [default: 0,1,2].")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Training epochs  [default: 20].")
+@click.option("--k", type=click.IntRange(2), default=None, help="Clusters  [default: 12].")
+@click.option("--shuffles", type=click.IntRange(0), default=None, help="Shuffled networks per seed  [default: 50].")
+@click.option("--random", "n_random", type=click.IntRange(1), default=None,
+              help="Random same-size sets per sub-cluster  [default: 19].")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Render steps (visualization)  [default: 256].")
+@click.option("--data", default=None, metavar="DATA", help="Data set  [default: fashion-mnist, Debian's files].")
+@click.option("--quick", is_flag=True,
+              help="Smoke run: 1 seed, 1 epoch on 3000 examples, 5 shuffles, 4 random sets, 16 render steps.")
+@device_option
+@json_option
+def specialization(out, seeds, epochs, k, shuffles, n_random, steps, data, quick, device, as_json) -> None:
+    """Filan et al. / Hod et al. on the Fashion-MNIST MLP 784-256x4-10: train each seed, cluster the
+    weight graph (K=12) against 50 shuffled networks, then importance and coherence of every
+    sub-cluster; writes OUT/results.json and OUT/results.md beside the published anchor."""
+    from ...labs.specialization import FULL, QUICK, run_specialization, with_overrides
+    from ...util.progress import enabled
+
+    settings = with_overrides(QUICK if quick else FULL, seeds=parse_seeds(seeds) if seeds is not None else None,
+                              epochs=epochs, k=k, shuffles=shuffles, n_random=n_random, steps=steps, data=data)
+
+    def log(message: str) -> None:
+        if enabled():
+            click.echo(f"lab specialization: {message}", err=True)
+
+    spelled = (f"netanatomy lab specialization --out {out} --seeds {','.join(map(str, settings.seeds))} "
+               f"--epochs {settings.epochs} --k {settings.k} --shuffles {settings.shuffles} --random "
+               f"{settings.n_random} --steps {settings.steps} --data {settings.data}"
+               + (" --quick" if quick else ""))
+    doc = run_specialization(out, settings, device=device, log=log, command=spelled)
+    emit(doc, as_json, _human)
+
+
+def _human(doc: dict) -> str:
+    a = doc["anchor"]
+    lines = [f"{'seed':>4} {'acc':>7} {'n-cut':>7} {'shuffled':>9} {'std':>6} {'z':>7} {'p':>7} {'subs':>5} "
+             f"{'imp':>4} {'coh':>4}"]
+    for r in doc["rows"]:
+        lines.append(f"{r['seed']:>4} {_num(r['test_accuracy'], 7, '.4f')} {_num(r['ncut'], 7, '.3f')} "
+                     f"{_num(r['shuffled_mean'], 9, '.3f')} {_num(r['shuffled_std'], 6, '.3f')} {_num(r['z'], 7, '.2f')} {_num(r['p'], 7, '.3g')} "
+                     f"{r['sub_clusters']:>5} {r['important']:>4} {r['coherent']['any']:>4}")
+    lines.append(f"anchor (Filan et al.): n-cut {a['ncut'][0]} to {a['ncut'][1]}, shuffled {a['shuffled_mean'][0]} to "
+                 f"{a['shuffled_mean'][1]}, z about {a['z'][0]:.0f} to {a['z'][1]:.0f}")
+    lines += doc["summary"]
+    lines.append(f"results: {doc['out']}/results.json, {doc['out']}/results.md ({doc['wall_s']:.0f} s)")
+    return "\n".join(lines)
+
+
+def _num(x, width: int, spec: str) -> str:
+    return f"{'n/a':>{width}}" if x is None else f"{x:>{width}{spec}}"
