@@ -83,7 +83,7 @@ def _modules_section(x, y, seed: int, shuffles: int) -> dict[str, Any]:
     mlp = load_model(MLP)
     layer_map = discover_layers(mlp.module, mlp.input_shape)
     clusters = cluster_model(mlp.module, layer_map, graph="weights", k=12, n_shuffles=shuffles, seed=seed)
-    result = importance(mlp.module, layer_map, clusters.clusters, x, y, n_random=19, seed=seed)
+    result = importance(mlp.module, layer_map, clusters.clusters, x, y, n_random=99, seed=seed)
     tests = result.tests
     return {
         "model": MLP,
@@ -199,7 +199,7 @@ def render_markdown(s: dict[str, Any]) -> str:
                  f"{sh['n']} `{sh['method']}` shuffles {sh['mean']:.3f} ± {sh['std']:.3f} "
                  f"(z {sh['z']:.2f}, p {_fmt_p(sh['p'])}); published anchor: 9.86-9.91 vs 10.06-10.11, z about -5 to -6")
     lines.append(f"- importance: {imp['important']} of {imp['sub_clusters']} sub-clusters hurt accuracy more than "
-                 f"19 random same-size sets (BH q < 0.05), {imp['class_specific']} class-specifically; "
+                 f"99 random same-size sets (BH q < 0.05), {imp['class_specific']} class-specifically; "
                  f"Fisher p {_fmt_p(imp['fisher_drop'])}")
     pic = s["pictures"]
     lines += ["", "## Pictures", ""]

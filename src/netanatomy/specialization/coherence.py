@@ -253,7 +253,7 @@ class CoherenceResult:
 
 
 def coherence(values: Mapping[str, np.ndarray], labels: np.ndarray | None, clusters: Sequence[Cluster], *,
-              n_random: int = 19, seed: int = 0, top: int = 10, kinds: Sequence[str] = ("dataset", "correlation"),
+              n_random: int = 99, seed: int = 0, top: int = 10, kinds: Sequence[str] = ("dataset", "correlation"),
               num_classes: int | None = None, model: nn.Module | None = None,
               unit_scale: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None, steps: int = RENDER_STEPS,
               lr: float = RENDER_LR, transforms="scaled", input_shape: Sequence[int] | None = None,

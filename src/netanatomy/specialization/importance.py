@@ -149,7 +149,7 @@ def lesionable_layers(layer_map: LayerMap) -> dict[str, int]:
 
 
 def importance(model: nn.Module, layer_map: LayerMap, clusters: Sequence[Cluster], x: torch.Tensor, y: torch.Tensor,
-               *, n_random: int = 19, seed: int = 0, num_classes: int | None = None, batch_size: int = 1000,
+               *, n_random: int = 99, seed: int = 0, num_classes: int | None = None, batch_size: int = 1000,
                device: str | torch.device | None = None, exact: bool = False,
                on_layer: Callable[[str], None] | None = None) -> ImportanceResult:
     """Lesion every sub-cluster of `clusters` and R random same-size sets; see the module docstring.

@@ -12,7 +12,7 @@ from ..options import device_option, emit, input_shape_option, json_option, load
 @click.option("--clusters", "clusters_file", required=True, type=click.Path(dir_okay=False),
               help="Clusters JSON written by `netanatomy clusters --out`.")
 @click.option("--data", required=True, metavar="DATA", help="Labelled data set (its test split), e.g. fashion-mnist.")
-@click.option("--random", "n_random", type=click.IntRange(1), default=19, show_default=True,
+@click.option("--random", "n_random", type=click.IntRange(1), default=99, show_default=True,
               help="Random same-size sets per sub-cluster.")
 @click.option("--kind", "kinds", default="dataset,correlation", show_default=True,
               help="Comma-separated: dataset (label entropy of top inputs), correlation (mean Spearman^2), "
