@@ -17,7 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..models.layers import ACTIVATION_MODULES, AFFINE_MODULES, ANALYZABLE, CHANNEL_PRESERVING_MODULES, Layer, LayerMap
+from ..models.layers import (
+    ACTIVATION_MODULES,
+    AFFINE_MODULES,
+    ANALYZABLE,
+    CHANNEL_PRESERVING_MODULES,
+    Layer,
+    LayerMap,
+    Tracer,
+)
 
 INPUT = "input"
 
@@ -35,21 +43,13 @@ _ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, torch
 _ARITHMETIC_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"}
 
 
-class _Tracer(fx.Tracer):
-    """Standard leaves, plus modules marked `netanatomy_transparent` / `netanatomy_leaf`."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        marked = getattr(m, "netanatomy_transparent", False) or getattr(m, "netanatomy_leaf", False)
-        return bool(marked) or super().is_leaf_module(m, module_qualified_name)
-
-
 _GRAPHS: "weakref.WeakKeyDictionary[nn.Module, fx.Graph | None]" = weakref.WeakKeyDictionary()
 
 
 def _graph(module: nn.Module) -> fx.Graph | None:
     if module not in _GRAPHS:
         try:
-            _GRAPHS[module] = _Tracer().trace(module)
+            _GRAPHS[module] = Tracer().trace(module)
         except Exception:                                                # untraceable: data-dependent control flow
             _GRAPHS[module] = None
     return _GRAPHS[module]

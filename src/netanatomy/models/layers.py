@@ -224,8 +224,9 @@ def _is_marked(module: nn.Module) -> bool:
     return bool(getattr(module, "netanatomy_transparent", False) or getattr(module, "netanatomy_leaf", False))
 
 
-class _Tracer(fx.Tracer):
-    """Standard leaves, plus modules marked `netanatomy_transparent` (opaque channel-preserving steps)."""
+class Tracer(fx.Tracer):
+    """torch.fx tracing as every netanatomy walk sees a model: torch.nn modules are leaves, and
+    so are modules marked `netanatomy_transparent` / `netanatomy_leaf` (opaque steps)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return _is_marked(m) or super().is_leaf_module(m, module_qualified_name)
@@ -423,7 +424,7 @@ class _Graph:
 def _trace(module: nn.Module, shape: tuple[int, ...]) -> _Graph:
     from torch.fx.passes.shape_prop import ShapeProp
 
-    graph = _Tracer().trace(module)
+    graph = Tracer().trace(module)
     gm = fx.GraphModule(module, graph)
     with torch.no_grad():
         ShapeProp(gm).propagate(_probe_input(module, shape))
@@ -911,4 +912,4 @@ def layers_summary(layer_map: LayerMap) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Branch", "Layer", "LayerMap", "Term", "discover_layers", "layers_summary", "resolve_layer"]
+__all__ = ["Branch", "Layer", "LayerMap", "Term", "Tracer", "discover_layers", "layers_summary", "resolve_layer"]

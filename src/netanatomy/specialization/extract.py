@@ -24,6 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..core.graphs import WeightEdge, WeightNetwork, fold_batchnorm
 from ..errors import UsageError
+from ..models.layers import Tracer
 
 INPUT = "input"
 
@@ -52,18 +53,10 @@ _ELEMENTWISE_BINARY = {operator.add, operator.iadd, operator.sub, operator.isub,
 _CATS = {torch.cat, torch.concat}
 
 
-class _Tracer(fx.Tracer):
-    """torch.nn modules are leaves, and so are modules marked netanatomy_transparent/_leaf."""
-
-    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        marked = getattr(m, "netanatomy_transparent", False) or getattr(m, "netanatomy_leaf", False)
-        return bool(marked) or super().is_leaf_module(m, qualified_name)
-
-
 def trace(model: nn.Module) -> fx.GraphModule:
     """An fx GraphModule of `model` (UsageError when the model cannot be traced)."""
     try:
-        graph = _Tracer().trace(model)
+        graph = Tracer().trace(model)
     except Exception as exc:
         raise UsageError(f"torch.fx cannot trace this model ({type(exc).__name__}: {exc}); the weight graph "
                          "needs a traceable model") from exc
