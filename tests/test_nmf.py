@@ -77,6 +77,19 @@ def test_nmf_recovers_an_exact_factorization_and_is_deterministic():
         nmf(-x, 3)
 
 
+def test_reported_error_is_the_direct_error_for_good_and_poor_fits():
+    """The error comes from the loop's identity where that is exact enough and is recomputed
+    directly below 5%: both kinds in one batch must match the direct formula."""
+    g = _gen(3)
+    exact = torch.rand(3, 20, 2, generator=g) @ torch.rand(3, 2, 30, generator=g)   # rank 2 < k
+    noisy = torch.rand(3, 20, 30, generator=g)
+    x = torch.cat([exact, noisy])
+    fit = nmf(x, 3, max_iter=300, tol=0)
+    direct = (x - fit.loadings @ fit.factors).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)
+    assert float(direct[:3].max()) < 0.05 < float(direct[3:].min())
+    assert torch.allclose(fit.error, direct, rtol=1e-3, atol=1e-6)
+
+
 def test_banded_layer_pictures_show_stripes(tmp_path: Path):
     w = banded_layer()
     fac = factorize_weights(w)
