@@ -110,26 +110,33 @@ def _mlp(seed: int = 0) -> nn.Module:
     return nn.Sequential(*layers).double().eval()
 
 
+@pytest.mark.parametrize("consumer_bias", [True, False])
 @pytest.mark.parametrize("method,exact", [("fx", True), ("fx", False), ("hook", True)])
-def test_evaluator_matches_zeroing_the_weights(method, exact):
+def test_evaluator_matches_zeroing_the_weights(method, exact, consumer_bias):
+    """Small lesions (delta: z minus the silenced units' part), large ones and all units
+    (bias plus the kept units' part), with and without a bias in the layer that reads them."""
     model = _mlp()
+    if not consumer_bias:
+        model[3].bias = None
     x = torch.randn(300, 1, 6, 6, dtype=torch.float64)
     y = model(x).argmax(1)
     y[::3] = (y[::3] + 1) % 5  # some wrong answers, so accuracy moves both ways
     layer_map = discover_layers(model, (1, 6, 6))
     for layer in [layer_map.resolve("1"), layer_map.resolve("3"), layer_map.resolve("6")]:
         g = torch.Generator().manual_seed(0)
-        masks = torch.ones(7, layer.units)
-        for i in range(7):
-            masks[i, torch.randperm(layer.units, generator=g)[:i + 1]] = 0
+        sizes = [1, 2, 3, 4, 5, 6, 7, layer.units - 3, layer.units - 3, layer.units - 1, layer.units]
+        masks = torch.ones(len(sizes), layer.units)
+        for i, size in enumerate(sizes):
+            masks[i, torch.randperm(layer.units, generator=g)[:size]] = 0
         ev = LesionEvaluator(model, layer, x, y, num_classes=5, batch_size=128, method=method, exact=exact)
         got = ev.correct(masks)
-        for i in range(7):
+        for i in range(len(sizes)):
             ref = copy.deepcopy(model)
             module = ref.get_submodule(layer.module)
             with torch.no_grad():
                 module.weight[masks[i] == 0] = 0
-                module.bias[masks[i] == 0] = 0
+                if module.bias is not None:
+                    module.bias[masks[i] == 0] = 0
                 pred = ref(x).argmax(1)
             expected = torch.bincount(y[pred == y], minlength=5)
             assert torch.equal(got[i], expected), (layer.name, i)
@@ -230,26 +237,31 @@ def test_cli_clusters_resumes_from_checkpoint(tmp_path, capsys):
     assert planted["shuffle"]["mean"] == pytest.approx(full["shuffle"]["mean"] + 1.5)
 
 
-def test_refined_float32_counts_equal_float64_counts_with_near_ties():
-    """Two classes whose logits differ by ~1e-7: float32 alone cannot decide, refinement does."""
+@pytest.mark.parametrize("method,exact", [("auto", False), ("fx", True), ("hook", False)])
+def test_refined_float32_counts_equal_float64_counts_with_near_ties(method, exact):
+    """Two classes whose logits differ by ~1e-7: float32 alone cannot decide, refinement does
+    (in every evaluation path: delta, masked suffix, hooked full model)."""
     import copy
 
     from netanatomy.models.layers import discover_layers
     from netanatomy.specialization.lesion import LesionEvaluator
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
-    with torch.no_grad():  # class 2 duplicates class 1 up to a tiny bias: every 1-vs-2 call is a near-tie
-        model[2].weight[2] = model[2].weight[1]
-        model[2].bias[2] = model[2].bias[1] + 1e-7
+    model = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3)).eval()
+    with torch.no_grad():  # class 2 is class 1 scaled by 1 + 1e-7: every 1-vs-2 call is a near-tie
+        model[2].weight.mul_(30)
+        model[2].weight[2] = model[2].weight[1] * (1 + 1e-7)
+        model[2].bias[2] = model[2].bias[1]
     x = torch.randn(500, 6)
     y = torch.randint(0, 3, (500,))
     layer = discover_layers(model, (6,)).resolve("0")
-    masks = (torch.rand(12, 16) > 0.3).float()
-    exact = LesionEvaluator(copy.deepcopy(model).double(), layer, x.double(), y).correct(masks)
-    refined = LesionEvaluator(model, layer, x, y, refine=True)
-    assert torch.equal(refined.correct(masks), exact)
+    masks = (torch.rand(12, 64) > 0.3).float()
+    truth = LesionEvaluator(copy.deepcopy(model).double(), layer, x.double(), y).correct(masks)
+    refined = LesionEvaluator(model, layer, x, y, refine=True, method=method, exact=exact, batch_size=128)
+    assert torch.equal(refined.correct(masks), truth)
     assert refined.refined_rows > 0
+    plain = LesionEvaluator(model, layer, x, y, method=method, exact=exact, batch_size=128).correct(masks)
+    assert not torch.equal(plain, truth)  # the planted ties really need the refinement
 
 
 def test_lesions_apply_the_models_own_input_normalization_hook():

@@ -112,29 +112,47 @@ class LesionEvaluator:
             for start in range(0, self.x.shape[0], self.batch_size):
                 xb = self.x[start:start + self.batch_size].to(self.device)
                 yb = self.y[start:start + self.batch_size].to(self.device)
+                ties_m, ties_e = [], []
                 for m0, logits in self._outputs(xb, masks):
-                    if self._twin is not None:
-                        logits = self._refined(logits, start, masks[m0:m0 + logits.shape[0]])
-                    out[m0:m0 + logits.shape[0]] += self._count(logits, yb)
+                    if self._twin is not None and logits.dim() == 3 and logits.shape[2] >= 2:
+                        right, close = _decided(logits, yb, self.refine_tol)
+                        mi, ei = torch.nonzero(close, as_tuple=True)
+                        ties_m.append(mi + m0)
+                        ties_e.append(ei)
+                        out[m0:m0 + logits.shape[0]] += self._tally(right, yb)
+                    else:
+                        out[m0:m0 + logits.shape[0]] += self._count(logits, yb)
+                if ties_m and sum(t.numel() for t in ties_m):
+                    self._count_refined(out, masks, torch.cat(ties_m), torch.cat(ties_e), start, yb)
         return out
 
-    def _refined(self, logits: torch.Tensor, start: int, mb: torch.Tensor) -> torch.Tensor:
-        """Recompute in float64 the (mask, example) rows whose prediction rounding could flip."""
-        if logits.dim() != 3 or logits.shape[2] < 2:
-            return logits
-        top = logits.topk(2, dim=2).values
-        close = (top[..., 0] - top[..., 1]) <= self.refine_tol * (1 + logits.abs().amax(dim=2))
-        if not bool(close.any()):
-            return logits
-        logits = logits.double()
+    def _count_refined(self, out: torch.Tensor, masks: torch.Tensor, mask_idx: torch.Tensor,
+                       example_idx: torch.Tensor, start: int, yb: torch.Tensor, rows: int = 4096) -> None:
+        """Count the near-tie (mask, example) pairs of a batch from the float64 twin, all of
+        them in a few row-wise passes (each row its own example and mask)."""
         twin = self._twin
-        for i in torch.nonzero(close.any(dim=1)).flatten().tolist():
-            cols = torch.nonzero(close[i]).flatten()
-            xb = twin.x[start + cols.cpu()].to(twin.device)
-            _, exact_logits = next(twin._outputs(xb, mb[i:i + 1]))
-            logits[i, cols] = exact_logits[0].to(logits.device)
-            self.refined_rows += int(cols.numel())
-        return logits
+        for r0 in range(0, mask_idx.numel(), rows):
+            mi, ei = mask_idx[r0:r0 + rows], example_idx[r0:r0 + rows]
+            xb = twin.x[start + ei.cpu()].to(twin.device)
+            logits = twin._row_outputs(xb, masks[mi.cpu()].to(twin.device, xb.dtype))
+            right = logits.argmax(dim=1) == yb[ei]
+            flat = (mi.to(yb.device) * self.num_classes + yb[ei])[right]
+            out += torch.bincount(flat, minlength=out.numel()).view_as(out).cpu()
+            self.refined_rows += int(mi.numel())
+
+    def _row_outputs(self, xb: torch.Tensor, row_masks: torch.Tensor) -> torch.Tensor:
+        """Model outputs [P, ...] with example p's layer output multiplied by row_masks[p]:
+        the plain masked forward (no delta arithmetic), for the few rows that need it."""
+        if self.split is None:
+            return self._hooked_forward(xb, row_masks, per_row=True)
+        split = self.split
+        values = split.prefix(_root_pre_hooks(self.model, xb))
+        post, rest = values[0], list(values[1:])
+        if split.delta is not None:
+            rest.pop(0)
+        masked = post * row_masks.view(*row_masks.shape, *(1,) * (post.dim() - 2))
+        first = split.delta(masked) if split.delta is not None else masked
+        return split.suffix(first, *rest)
 
     def outputs(self, xb: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Model outputs for one batch under every mask: [M, n, ...] (for checks and custom statistics)."""
@@ -158,6 +176,7 @@ class LesionEvaluator:
         values = split.prefix(_root_pre_hooks(self.model, xb))
         post, rest = values[0], list(values[1:])
         z_full = rest.pop(0) if split.delta is not None else None
+        rows = _LinearRows.of(split.delta, post) if split.delta is not None else None
         for m0 in range(0, masks.shape[0], per_mask):
             mb = masks[m0:m0 + per_mask].to(self.device, post.dtype)
             k = mb.shape[0]
@@ -165,14 +184,17 @@ class LesionEvaluator:
                 shape = (k, 1, mb.shape[1]) + (1,) * (post.dim() - 2)
                 first = (post.unsqueeze(0) * mb.view(shape)).reshape(k * n, *post.shape[1:])
             else:
-                first = _delta_forward(split.delta, post, z_full, mb)
+                first = _delta_forward(split.delta, post, z_full, mb, rows)
             others = [v.unsqueeze(0).expand(k, *v.shape).reshape(k * n, *v.shape[1:]) for v in rest]
             logits = split.suffix(first, *others)
             yield m0, logits.view(k, n, *logits.shape[1:])
 
-    def _hooked_forward(self, xb: torch.Tensor, mb: torch.Tensor) -> torch.Tensor:
-        """The full model on xb repeated per mask, the layer's output multiplied by the masks."""
+    def _hooked_forward(self, xb: torch.Tensor, mb: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+        """The full model on xb repeated per mask, the layer's output multiplied by the masks
+        (per_row: xb once, row p multiplied by mask p)."""
         n, k = xb.shape[0], mb.shape[0]
+        if per_row:
+            n, k = 1, xb.shape[0]
         term = self._hook_term
         module = self.model.get_submodule(term.module) if term.module else self.model
         state = {"call": 0}
@@ -196,17 +218,41 @@ class LesionEvaluator:
         handle = (module.register_forward_pre_hook(pre_hook) if term.where == "input"
                   else module.register_forward_hook(post_hook))
         try:
-            return self.model(xb.repeat(k, *([1] * (xb.dim() - 1))))
+            return self.model(xb if per_row else xb.repeat(k, *([1] * (xb.dim() - 1))))
         finally:
             handle.remove()
 
     def _count(self, logits: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """Correct predictions (argmax == label) per mask and class."""
         if logits.dim() != 3:
             raise UsageError(f"the model returns {tuple(logits.shape[1:])}; lesion accuracy needs logits [N, classes]")
-        k, n = logits.shape[:2]
-        right = logits.argmax(dim=2) == yb.view(1, n)
+        return self._tally(logits.argmax(dim=2) == yb.view(1, logits.shape[1]), yb)
+
+    def _tally(self, right: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """[k, n] bool of correct predictions -> counts [k, num_classes]."""
+        k, n = right.shape
         index = (torch.arange(k, device=yb.device).view(k, 1) * self.num_classes + yb.view(1, n))[right]
         return torch.bincount(index, minlength=k * self.num_classes).view(k, self.num_classes).cpu()
+
+
+def _decided(logits: torch.Tensor, yb: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For logits [M, n, C]: (right, close), both [M, n] bool.
+
+    close: the top-two gap is within tol * (1 + max |logit|) (exact ties included: gap 0);
+    right: the label's logit is the top one and the row is not close, so the maximum is
+    unique there and this is argmax == label. Reductions run over the classes laid out as
+    the middle axis: over a short last axis they are several times slower.
+    """
+    lt = logits.transpose(1, 2).contiguous()                                # [M, C, n]
+    top = lt.amax(dim=1, keepdim=True)
+    is_top = lt == top
+    second = lt.masked_fill(is_top, float("-inf")).amax(dim=1)
+    top = top.squeeze(1)
+    scale = 1 + torch.maximum(top.abs(), lt.amin(dim=1).abs())
+    close = ((top - second) <= tol * scale) | (is_top.sum(dim=1) > 1)
+    label = yb.view(1, 1, -1).expand(lt.shape[0], 1, lt.shape[2])
+    right = (lt.gather(1, label).squeeze(1) == top) & ~close
+    return right, close
 
 
 def _root_pre_hooks(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -318,15 +364,60 @@ def _split_at(model: nn.Module, module_name: str, allow_delta: bool) -> _Split:
 
     for n in suffix_nodes:
         senv[n] = sg.node_copy(n, lookup)
+    _relu_in_place(sg, senv[cut], modules)
     suffix = fx.GraphModule(gm, sg)
     return _Split(prefix, suffix, delta)
 
 
-def _delta_forward(module: nn.Module, post: torch.Tensor, z_full: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """module(post * mask) for each mask, as z_full - module_without_bias(post restricted to the
-    silenced units): [M * n, ...]. Masks with equal silenced counts run as one batched product."""
+_FRESH_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _relu_in_place(graph: fx.Graph, lesioned: fx.Node, modules: dict[str, nn.Module]) -> None:
+    """ReLUs of the suffix overwrite their input where nothing else can see it: the input is
+    the lesioned tensor (always made fresh per call) or a linear/conv/batch-norm output, and
+    the ReLU is its only reader. The suffix runs on masks x examples rows, so each saved
+    allocation is megabytes."""
+    for node in list(graph.nodes):
+        is_relu = ((node.op == "call_module" and type(modules.get(node.target)) is nn.ReLU)
+                   or (node.op == "call_function" and node.target in (torch.relu, F.relu) and not node.kwargs))
+        if not is_relu or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+            continue
+        source = node.args[0]
+        fresh = source is lesioned or (source.op == "call_module" and isinstance(modules.get(source.target),
+                                                                                 _FRESH_MODULES))
+        if fresh and len(source.users) == 1:
+            with graph.inserting_after(node):
+                replacement = graph.call_function(torch.relu_, (source,))
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
+    graph.lint()
+
+
+@dataclass
+class _LinearRows:
+    """A linear delta layer's input and weight with units as rows ([U, n] and [U, out]), made
+    once per batch: a lesion's units are then gathered as whole contiguous rows."""
+
+    post_t: torch.Tensor
+    weight_t: torch.Tensor
+    bias: torch.Tensor | None
+
+    @staticmethod
+    def of(module: nn.Module, post: torch.Tensor) -> "_LinearRows | None":
+        if not isinstance(module, nn.Linear) or post.dim() != 2:
+            return None
+        return _LinearRows(post.t().contiguous(), module.weight.t().contiguous(), module.bias)
+
+
+def _delta_forward(module: nn.Module, post: torch.Tensor, z_full: torch.Tensor, keep: torch.Tensor,
+                   rows_of: _LinearRows | None = None) -> torch.Tensor:
+    """module(post * mask) for each mask: [M * n, ...]. Masks with equal silenced counts run as
+    one batched product. A linear layer takes the cheaper side: z_full minus the product over
+    the s silenced inputs, or, when more than half are silenced, bias plus the product over the
+    kept ones; a conv always subtracts the silenced channels' contribution."""
     k = keep.shape[0]
     n = post.shape[0]
+    units = keep.shape[1]
     out = torch.empty((k, *z_full.shape), dtype=z_full.dtype, device=z_full.device)
     silenced = keep == 0
     counts = silenced.sum(dim=1)
@@ -336,12 +427,23 @@ def _delta_forward(module: nn.Module, post: torch.Tensor, z_full: torch.Tensor, 
         if size == 0:
             out[rows] = z_full
             continue
-        idx = torch.nonzero(silenced[rows])[:, 1].view(r, size)  # [r, s] silenced units, sorted
-        if isinstance(module, nn.Linear):
-            h = post[:, idx].permute(1, 0, 2)                       # [r, n, s]
-            w = module.weight[:, idx].permute(1, 2, 0)              # [r, s, out]
-            part = torch.baddbmm(z_full.unsqueeze(0).expand(r, *z_full.shape), h, w, beta=1.0, alpha=-1.0)
+        if rows_of is not None:
+            from_kept = size > units - size
+            chosen = ~silenced[rows] if from_kept else silenced[rows]
+            width = units - size if from_kept else size
+            idx = torch.nonzero(chosen)[:, 1].view(r, width)                # [r, width] sorted units
+            h = rows_of.post_t[idx].transpose(1, 2)                          # [r, n, width] (a view)
+            w = rows_of.weight_t[idx]                                        # [r, width, out]
+            if not from_kept:
+                part = torch.baddbmm(z_full.unsqueeze(0).expand(r, *z_full.shape), h, w, alpha=-1.0)
+            elif width == 0:
+                part = (rows_of.bias if rows_of.bias is not None else z_full.new_zeros(())).expand(r, *z_full.shape)
+            elif rows_of.bias is not None:
+                part = torch.baddbmm(rows_of.bias.expand(r, *z_full.shape), h, w)
+            else:
+                part = torch.bmm(h, w)
         else:  # conv2d, groups=1: the silenced input channels alone, all masks as one grouped conv
+            idx = torch.nonzero(silenced[rows])[:, 1].view(r, size)
             h = post[:, idx.reshape(-1)]                            # [n, r*s, H, W]
             w = module.weight[:, idx].permute(1, 0, 2, 3, 4).reshape(r * module.out_channels, size,
                                                                      *module.weight.shape[2:])
