@@ -19,6 +19,8 @@ it: the model in its own float32, near-tie predictions recomputed in float64 (ce
 precision, see specialization/lesion.py): netanatomy.specialization.lesion.LesionEvaluator, one per layer, all of the layer's
 lesions at once: the prefix below the layer runs once, the linear layer after it is updated by
 z - W[:, S] h[S], and the rest runs on masks x examples rows.
+Threads: both sides run with the same number of torch/BLAS threads, by default all of the
+machine's cores (torch's default); `--threads 1` compares one core against one core.
 agree: the per-class correct counts of every lesion are identical to both references, which
 compute in float64 (in float32, two valid evaluation orders can round a near-tie of two logits
 apart, so exact agreement is defined in float64).
@@ -94,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=None, help="clusters (default 16; quick 6)")
     parser.add_argument("--random", type=int, default=None, help="random sets per sub-cluster (default 19; quick 4)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch/BLAS threads for both sides")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch/BLAS threads for both sides (default: torch's default, all cores, as "
+                             "users run it; 1 for the per-core comparison)")
     args = parser.parse_args(argv)
+    args.threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(args.threads)
     import scipy.linalg  # noqa: F401  (load every BLAS before limiting their threads)
     from threadpoolctl import threadpool_limits
