@@ -279,3 +279,27 @@ def test_lesions_apply_the_models_own_input_normalization_hook():
     evaluator = LesionEvaluator(loaded.module, layer, x, y)
     assert evaluator.method.startswith("fx")
     assert int(evaluator.correct(torch.ones(1, layer.units)).sum()) == plain
+
+
+def test_linear_reading_a_channel_map_along_its_last_axis_is_lesioned_exactly():
+    """A Linear that reads conv1d channels along the length axis cannot take the delta
+    shortcut over units; the evaluator falls back to the plain masked product."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 6, 3), nn.ReLU(), nn.Linear(8, 5), nn.Flatten(),
+                          nn.Linear(30, 4)).double().eval()
+    x = torch.randn(200, 2, 10, dtype=torch.float64)
+    y = model(x).argmax(1)
+    y[::3] = (y[::3] + 1) % 4
+    layer = discover_layers(model, (2, 10)).resolve("0")
+    masks = torch.ones(3, 6)
+    masks[0, :2] = 0
+    masks[1, 1:5] = 0
+    masks[2] = 0
+    got = LesionEvaluator(model, layer, x, y, num_classes=4).correct(masks)
+    for i in range(3):
+        ref = copy.deepcopy(model)
+        with torch.no_grad():
+            ref[0].weight[masks[i] == 0] = 0
+            ref[0].bias[masks[i] == 0] = 0
+            pred = ref(x).argmax(1)
+        assert torch.equal(got[i], torch.bincount(y[pred == y], minlength=4)), i

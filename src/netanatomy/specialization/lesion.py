@@ -418,6 +418,9 @@ def _delta_forward(module: nn.Module, post: torch.Tensor, z_full: torch.Tensor, 
     k = keep.shape[0]
     n = post.shape[0]
     units = keep.shape[1]
+    if isinstance(module, nn.Linear) and rows_of is None:      # not [n, units]: the plain masked product
+        shape = (k, 1, units) + (1,) * (post.dim() - 2)
+        return module((post.unsqueeze(0) * keep.view(shape)).reshape(k * n, *post.shape[1:]))
     out = torch.empty((k, *z_full.shape), dtype=z_full.dtype, device=z_full.device)
     silenced = keep == 0
     counts = silenced.sum(dim=1)
