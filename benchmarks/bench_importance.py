@@ -39,17 +39,24 @@ import numpy as np
 import torch
 
 
-def plain_reference_counts(model: torch.nn.Module, module_name: str, units: np.ndarray, ds, classes: int,
-                           batch: int = 256) -> torch.Tensor:
-    """The plain way: copy, zero the weights, DataLoader over the Dataset, whole network."""
-    from torch.utils.data import DataLoader
-
+def lesioned_copy(model: torch.nn.Module, module_name: str, units: np.ndarray) -> torch.nn.Module:
+    """The model copied, with the lesioned units' weights and biases set to zero."""
     lesioned = copy.deepcopy(model)
     layer = lesioned.get_submodule(module_name)
     with torch.no_grad():
         layer.weight[torch.as_tensor(units)] = 0.0
         if layer.bias is not None:
             layer.bias[torch.as_tensor(units)] = 0.0
+    return lesioned
+
+
+def plain_reference_counts(model: torch.nn.Module, module_name: str, units: np.ndarray, ds, classes: int,
+                           batch: int = 256) -> torch.Tensor:
+    """The plain way: copy, zero the weights, DataLoader over the Dataset, whole network."""
+    from torch.utils.data import DataLoader
+
+    lesioned = lesioned_copy(model, module_name, units)
+    with torch.no_grad():
         correct = torch.zeros(classes, dtype=torch.long)
         for xb, yb in DataLoader(ds, batch_size=batch, shuffle=False):
             right = lesioned(xb.double()).argmax(dim=1) == yb
@@ -76,12 +83,8 @@ def load(quick: bool):
 
 def reference_counts(model: torch.nn.Module, module_name: str, units: np.ndarray, x: torch.Tensor, y: torch.Tensor,
                      classes: int, batch: int = 1000) -> torch.Tensor:
-    lesioned = copy.deepcopy(model)
-    layer = lesioned.get_submodule(module_name)
+    lesioned = lesioned_copy(model, module_name, units)
     with torch.no_grad():
-        layer.weight[torch.as_tensor(units)] = 0.0
-        if layer.bias is not None:
-            layer.bias[torch.as_tensor(units)] = 0.0
         correct = torch.zeros(classes, dtype=torch.long)
         for start in range(0, x.shape[0], batch):
             xb, yb = x[start:start + batch], y[start:start + batch]
