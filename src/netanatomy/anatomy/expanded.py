@@ -201,26 +201,30 @@ def _channels(t: Tensor) -> int:
     return t.shape[1]
 
 
+def _hook_terms(stack: ExitStack, module: nn.Module, terms: Sequence[Any], store: list) -> None:
+    """Hooks, removed with `stack`, that put the value of terms[i] into store[i] during a forward pass."""
+    counts: dict[int, int] = {}
+    for i, term in enumerate(terms):
+        target = module.get_submodule(term.module) if term.module else module
+
+        def grab(mod, args, output=None, i=i, term=term):
+            call = counts.get(i, 0)
+            counts[i] = call + 1
+            if call == term.call:
+                store[i] = args[0] if term.where == "input" else output
+
+        if term.where == "input":
+            h = target.register_forward_pre_hook(lambda m, a, grab=grab: grab(m, a))
+        else:
+            h = target.register_forward_hook(grab)
+        stack.callback(h.remove)
+
+
 def _record(module: nn.Module, terms: Sequence[Any], x: Tensor) -> list[Tensor]:
     """One forward pass (linearized) recording the value of each term."""
     found: list[Tensor | None] = [None] * len(terms)
-    counts: dict[tuple[int, str], int] = {}
     with ExitStack() as stack:
-        for i, term in enumerate(terms):
-            target = module.get_submodule(term.module) if term.module else module
-
-            def fn(mod, args, output=None, i=i, term=term):
-                key = (i, term.module)
-                call = counts.get(key, 0)
-                counts[key] = call + 1
-                if call == term.call and found[i] is None:
-                    found[i] = args[0] if term.where == "input" else output
-
-            if term.where == "input":
-                h = target.register_forward_pre_hook(lambda m, a, fn=fn: fn(m, a))
-            else:
-                h = target.register_forward_hook(fn)
-            stack.callback(h.remove)
+        _hook_terms(stack, module, terms, found)
         with Linearized(module):
             module(x)
     if any(f is None for f in found):
@@ -278,21 +282,7 @@ def expanded_weights(module: nn.Module, layer_map: LayerMap, lower: str, upper: 
             raise UsageError(f"position {(py, px)} is outside {up.name}'s {h_up}x{w_up} map")
         captured: list[Tensor | None] = [None] * len(up_terms)
         with ExitStack() as stack, Linearized(module) as mode:
-            counts: dict[int, int] = {}
-            for i, term in enumerate(up_terms):
-                target = module.get_submodule(term.module) if term.module else module
-
-                def grab(mod, args, output=None, i=i, term=term):
-                    call = counts.get(i, 0)
-                    counts[i] = call + 1
-                    if call == term.call:
-                        captured[i] = args[0] if term.where == "input" else output
-
-                if term.where == "input":
-                    h = target.register_forward_pre_hook(lambda m, a, grab=grab: grab(m, a))
-                else:
-                    h = target.register_forward_hook(grab)
-                stack.callback(h.remove)
+            _hook_terms(stack, module, up_terms, captured)
             if low is not None:
                 for term, part in zip(low_terms, found[len(up_terms):]):
                     if term.where != "output" or not term.module:
