@@ -6,17 +6,12 @@ from netanatomy.core.clusterability import clusterability, shuffle_seed, shuffle
 from netanatomy.core.graphs import chain_network
 from netanatomy.core.shuffle import shuffle_weight, shuffle_weights
 from netanatomy.errors import UsageError
+from planted import block_diagonal_weights
 
 
 def planted_network(sizes=(48, 40, 40, 40, 8), modules=4, cross=0.05, seed=0):
     """An MLP whose layers are block-diagonal (4 modules) plus weak links everywhere."""
-    rng = np.random.default_rng(seed)
-    ws = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        same = (np.arange(b)[:, None] % modules) == (np.arange(a)[None, :] % modules)
-        strength = np.where(same, rng.uniform(0.5, 1.0, (b, a)), cross * rng.uniform(0, 1, (b, a)))
-        ws.append(strength * rng.choice([-1.0, 1.0], (b, a)))
-    truth = np.concatenate([np.arange(s) % modules for s in sizes])
+    ws, truth = block_diagonal_weights(sizes, modules, cross, seed)
     return chain_network(ws), truth
 
 

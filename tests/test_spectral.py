@@ -9,19 +9,12 @@ from sklearn.metrics import adjusted_rand_score
 from netanatomy.core.graphs import NeuronGraph, activation_graph, weight_graph
 from netanatomy.core.spectral import kmeans, local_clustering, ncut, spectral_clustering, spectral_embedding
 from netanatomy.errors import UsageError
+from planted import block_diagonal_weights
 
 
 def planted_mlp(sizes=(40, 32, 32, 32, 8), modules=4, cross=0.02, seed=0):
-    """Block-diagonal layers (module m joins unit i of one layer to unit j of the next when both
-    have i % modules == m) plus weak links everywhere; returns weights and node modules."""
-    rng = np.random.default_rng(seed)
-    ws = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        same = (np.arange(b)[:, None] % modules) == (np.arange(a)[None, :] % modules)
-        strength = np.where(same, rng.uniform(0.5, 1.0, (b, a)), cross * rng.uniform(0, 1, (b, a)))
-        ws.append(strength * rng.choice([-1.0, 1.0], (b, a)))
-    truth = np.concatenate([np.arange(s) % modules for s in sizes])
-    return ws, truth
+    """Block-diagonal layers plus weak links everywhere; returns weights and node modules."""
+    return block_diagonal_weights(sizes, modules, cross, seed)
 
 
 def brute_force_ncut(a: np.ndarray, labels: np.ndarray) -> float:
