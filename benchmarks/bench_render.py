@@ -13,8 +13,8 @@ units (default 8); its time is extrapolated per unit to 64 units (reference_s = 
 x 64). Both run in the same process, reference first, one torch thread by default (a second
 thread helps neither side on a shared 2-core machine and makes timings erratic).
 
-Both sides run the engine as it is (on a CPU it lays conv weights out channels-last for the
-duration of a render, which helps large batches more than a batch of one).
+Both sides run the engine as it is (on a CPU it lays conv weights, images and conv outputs out
+channels-last for the duration of a render, which helps large batches more than a batch of one).
 
 Batching gains what a batch of one wastes (per-call overheads, kernels that run poorly on one
 image); it cannot remove arithmetic. On a CPU the gain therefore shrinks as the per-image
