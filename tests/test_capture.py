@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from netanatomy.capture import accumulator_bytes, capture_activations, layer_values
 from netanatomy.core.streaming import Reservoir, StreamingMoments, reduce_units
+from netanatomy.models.layout import channels_last
 
 
 class Cat(nn.Module):
@@ -52,8 +53,9 @@ def _model():
 
 
 def _direct(model, x):
-    """All pre-activation maps computed by hand."""
-    with torch.no_grad():
+    """All pre-activation maps computed by hand, in the layout capture uses on a CPU
+    (channels-last convs round differently from NCHW ones, at the float32 level)."""
+    with torch.no_grad(), channels_last(model):
         stem = model.bn(model.stem(x))
         h = F.relu(stem)
         a, b = model.a(h), model.b(h)
@@ -227,3 +229,25 @@ def test_memory_bounded_on_long_stream(tmp_path):
         peaks.append(int(out.stdout.strip().splitlines()[-1]))
     growth_mb = (peaks[1] - peaks[0]) / 1024
     assert growth_mb < 50, f"peak RSS grew by {growth_mb:.1f} MB over a 20x longer stream"
+
+
+def test_channels_last_reaches_activations_after_a_one_channel_conv_and_is_undone():
+    """Weights alone would leave every activation NCHW behind a 1-channel first conv; the
+    layout hooks make the pooled maps channels-last, and everything is put back afterwards."""
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.MaxPool2d(2)).eval()
+    weights = [p.data for p in model.parameters()]
+    seen = []
+    model[3].register_forward_pre_hook(lambda m, a: seen.append(
+        a[0].is_contiguous(memory_format=torch.channels_last) and not a[0].is_contiguous()))
+    x = torch.randn(4, 1, 6, 6)
+    with torch.no_grad():
+        plain = model(x)
+        with channels_last(model):
+            laid_out = model(x)
+        again = model(x)
+    assert seen == [False, True, False]
+    torch.testing.assert_close(laid_out, plain)
+    assert torch.equal(again, plain)
+    assert all(p.data_ptr() == w.data_ptr() and p.stride() == w.stride()
+               for p, w in zip(model.parameters(), weights))
+    assert [len(m._forward_hooks) for m in model.modules()] == [0] * 5

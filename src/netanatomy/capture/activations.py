@@ -25,6 +25,7 @@ from ..core.streaming import (
 )
 from ..errors import UsageError
 from ..models.layers import Layer, discover_layers
+from ..models.layout import channels_last, prefers_channels_last
 from ..util.devices import resolve_device
 from ..util.progress import progress
 from .hooks import recording
@@ -144,7 +145,9 @@ def capture_activations(model: nn.Module, layers: Sequence[str | Layer], data, *
     else:
         total = len(data) if hasattr(data, "__len__") else None
     seen = 0
-    with torch.no_grad(), recording(model, chosen, stage, on_layer, stop_early=True) as recorder:
+    # the layout's conv hooks go in before the recorder's, so the recorder sees laid-out values
+    with torch.no_grad(), channels_last(model, enabled=prefers_channels_last(model, dev)), \
+            recording(model, chosen, stage, on_layer, stop_early=True) as recorder:
         bar = progress(total=max_examples or total, desc="capture", unit="ex", disable=None if show_progress else True)
         try:
             for batch in _batches(data, batch_size):

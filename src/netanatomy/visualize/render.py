@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,6 +26,8 @@ from torch import Tensor, nn
 from ..capture.hooks import recording
 from ..errors import UsageError
 from ..models.layers import Layer, Term, discover_layers
+from ..models.layout import channels_last as layout_channels_last
+from ..models.layout import prefers_channels_last
 from ..util.devices import resolve_device
 from ..util.progress import progress
 from ..util.seeding import derive
@@ -148,52 +149,25 @@ def _model_device(model: nn.Module, device: str | torch.device | None) -> torch.
     return dev
 
 
-def prefers_channels_last(model: nn.Module, device: torch.device) -> bool:
-    """On a CPU, 2-d convolutions run up to twice as fast on channels-last weights."""
-    return device.type == "cpu" and any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
 @contextmanager
 def frozen_eval(model: nn.Module, channels_last: bool = False) -> Iterator[nn.Module]:
     """Eval mode and frozen parameters (no weight gradients to compute), restored whatever happens.
 
-    With `channels_last`, 4-d weights are re-laid out for the duration and the original tensors
-    put back afterwards, so the user's model is left exactly as it was.
+    With `channels_last`, weights and conv outputs are laid out channels-last for the duration
+    (`models.layout`), and the user's model is left exactly as it was.
     """
     training = model.training
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    layouts = [(p, p.data) for p in model.parameters() if p.dim() == 4] if channels_last else []
-    handles = []
     try:
         model.eval()
         for p, _ in flags:
             p.requires_grad_(False)
-        for p, data in layouts:
-            p.data = data.contiguous(memory_format=torch.channels_last)
-        if channels_last:
-            handles = [m.register_forward_hook(_channels_last_output) for m in model.modules()
-                       if isinstance(m, nn.Conv2d)]
-        yield model
+        with layout_channels_last(model, enabled=channels_last):
+            yield model
     finally:
-        for h in handles:
-            h.remove()
-        for p, data in layouts:
-            p.data = data
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(training)
-
-
-def _channels_last_output(module: nn.Module, args: Any, output: Any) -> Any:
-    """A conv's output laid out channels-last (a no-op when it already is).
-
-    A conv whose input and weight are both ambiguous (one input channel, or 1x1 kernels on an
-    NCHW input) returns NCHW, and everything after it stays NCHW: max pooling with gradients
-    then runs about 10x slower on a CPU than on channels-last activations.
-    """
-    if isinstance(output, Tensor) and output.dim() == 4:
-        return output.contiguous(memory_format=torch.channels_last)
-    return output
 
 
 def _resolve_layers(model: nn.Module, layer_map, objs: Sequence[Objective]) -> dict[str, Layer]:
