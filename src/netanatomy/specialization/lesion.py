@@ -21,6 +21,7 @@ float64 evaluation at about the cost of a float32 one.
 from __future__ import annotations
 
 import copy
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..models.layers import Layer
+from ..models.layout import channels_last, prefers_channels_last
 from .extract import trace
 
 _ACTIVATION_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, torch.sigmoid, F.sigmoid, torch.tanh,
@@ -108,7 +110,9 @@ class LesionEvaluator:
         if masks.dim() != 2 or masks.shape[1] != self.layer.units:
             raise UsageError(f"masks must be [M, {self.layer.units}] for layer {self.layer.name}")
         out = torch.zeros((masks.shape[0], self.num_classes), dtype=torch.long)
-        with torch.no_grad():
+        with torch.no_grad(), ExitStack() as layouts:
+            for model in (self.model, *((self._twin.model,) if self._twin is not None else ())):
+                layouts.enter_context(channels_last(model, enabled=prefers_channels_last(model, self.device)))
             for start in range(0, self.x.shape[0], self.batch_size):
                 xb = self.x[start:start + self.batch_size].to(self.device)
                 yb = self.y[start:start + self.batch_size].to(self.device)
