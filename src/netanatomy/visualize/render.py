@@ -274,8 +274,8 @@ def _render_batch(model: nn.Module, objs: Sequence[Objective], seeds: Sequence[i
                   decorrelate: bool, decay_power: float, config: TransformConfig, device: torch.device, bar,
                   channels_last: bool = False) -> tuple[Tensor, np.ndarray, np.ndarray, dict[str, float]]:
     batch = len(objs)
-    # Channels-last images too, not only weights: otherwise the activations stay NCHW, where
-    # CPU max pooling with gradients runs about 10x slower than channels-last.
+    # The images go in channels-last as well, so the first conv reads the layout that
+    # frozen_eval gives its weights and every later conv output (models.layout).
     layout = torch.channels_last if channels_last else torch.preserve_format
     needed = {layers[name].name: layers[name] for obj in objs for name in obj.layers}
     image = image_param(seeds, channels, size, kind=param, decorrelate=decorrelate, decay_power=decay_power,
