@@ -2,113 +2,64 @@
 
 The layer map lists layers; weight analyses also need, for a conv or linear layer, the layer
 whose units are its input channels (the "lower" layer of an SVD of |W|, of a rotation-channel
-map, of expanded weights). We find it on the torch.fx graph by walking back from the layer's
-call through channel-preserving steps (activations, pooling, padding, normalization,
-dropout) to a conv/linear call, a concatenation, a residual sum or the model input.
+map, of expanded weights). We find it with the one data-flow walker (models/dataflow.py), back
+from the layer's call through channel-preserving steps (activations, pooling, padding,
+normalization, dropout, input scaling, a flatten) to a conv/linear call, a concatenation, a
+residual sum or the model input.
 """
 from __future__ import annotations
 
-import operator
 import weakref
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..models.layers import (
-    ACTIVATION_MODULES,
-    AFFINE_MODULES,
-    ANALYZABLE,
-    CHANNEL_PRESERVING_MODULES,
-    Layer,
-    LayerMap,
-    Tracer,
-)
+from ..models.dataflow import ANALYZABLE, CHANNEL_STEPS, DataFlow, Step
+from ..models.layers import Layer, LayerMap
 
 INPUT = "input"
 
-_PRESERVING_FUNCTIONS = {
-    F.relu, torch.relu, F.relu_, torch.relu_, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.hardswish, F.mish,
-    F.softplus, torch.sigmoid, torch.tanh, F.pad, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d,
-    F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.lp_pool2d, F.local_response_norm,
-    F.dropout, F.dropout2d, F.batch_norm, F.instance_norm, torch.max_pool2d, torch.avg_pool1d,
-}
-_PRESERVING_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "to", "detach"}
-_FLATTEN_METHODS = {"flatten", "view", "reshape"}
-_CAT = {torch.cat, torch.concat}
-_ADD = {operator.add, operator.iadd, torch.add}
-_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div}
-_ARITHMETIC_METHODS = {"add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"}
+_FLOWS: "weakref.WeakKeyDictionary[nn.Module, DataFlow | None]" = weakref.WeakKeyDictionary()
 
 
-_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, fx.Graph | None]" = weakref.WeakKeyDictionary()
-
-
-def _graph(module: nn.Module) -> fx.Graph | None:
-    if module not in _GRAPHS:
+def _flow(module: nn.Module) -> DataFlow | None:
+    if module not in _FLOWS:
         try:
-            _GRAPHS[module] = Tracer().trace(module)
+            _FLOWS[module] = DataFlow(module)
         except Exception:                                                # untraceable: data-dependent control flow
-            _GRAPHS[module] = None
-    return _GRAPHS[module]
+            _FLOWS[module] = None
+    return _FLOWS[module]
 
 
-def _is_preserving(module: nn.Module, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        m = module.get_submodule(str(node.target))
-        marked = getattr(m, "netanatomy_transparent", False)
-        return bool(marked) or isinstance(m, ACTIVATION_MODULES + AFFINE_MODULES + CHANNEL_PRESERVING_MODULES)
-    tensors = [a for a in node.args if isinstance(a, fx.Node)]
-    if node.op == "call_function":
-        # arithmetic with constants (input scaling such as x * 255 - 117) keeps the channels
-        return node.target in _PRESERVING_FUNCTIONS or (node.target in _ARITHMETIC and len(tensors) == 1)
-    if node.op == "call_method":
-        return node.target in _PRESERVING_METHODS or (node.target in _ARITHMETIC_METHODS and len(tensors) == 1)
-    return False
+def _producer_module(flow: DataFlow, node: fx.Node) -> str | None:
+    src = flow.producer(node)
+    return str(src.target) if src is not None else None
 
 
-def _walk_back(module: nn.Module, node: fx.Node) -> fx.Node:
-    """From a node, back through channel-preserving steps, to the node that made its channels."""
-    for _ in range(256):
-        if not _is_preserving(module, node):
-            return node
-        inputs = [a for a in node.args if isinstance(a, fx.Node)]
-        if not inputs:
-            return node
-        node = inputs[0]
-    return node
-
-
-def _producer_module(module: nn.Module, node: fx.Node) -> str | None:
-    src = _walk_back(module, node)
-    if src.op == "call_module" and isinstance(module.get_submodule(str(src.target)), ANALYZABLE):
-        return str(src.target)
-    return None
-
-
-def _layer_for(module: nn.Module, layer_map: LayerMap, node: fx.Node) -> str | None:
+def _layer_for(flow: DataFlow, layer_map: LayerMap, node: fx.Node) -> str | None:
     """The layer (or INPUT) whose values a node carries, or None when none matches."""
-    src = _walk_back(module, node)
-    if src.op == "placeholder":
+    src = flow.walk_back(node, CHANNEL_STEPS)
+    kind = flow.step(src)
+    if kind is Step.INPUT:
         return INPUT
-    if src.op == "call_module" and isinstance(module.get_submodule(str(src.target)), ANALYZABLE):
+    if kind is Step.LAYER and isinstance(flow.mod(src), ANALYZABLE):
         try:
             return layer_map.resolve(str(src.target)).name
         except Exception:
             return None
-    if src.op == "call_function" and (src.target in _CAT or src.target in _ADD):
-        parts = [a for a in (src.args[0] if src.target in _CAT else src.args[:2])]
-        producers = [_producer_module(module, a) if isinstance(a, fx.Node) else None for a in parts]
-        kind = "concat" if src.target in _CAT else "residual"
+    if kind is Step.CONCAT or flow.is_add(src):
+        parts = list(src.args[0]) if kind is Step.CONCAT else list(src.args[:2])
+        producers = [_producer_module(flow, a) if isinstance(a, fx.Node) else None for a in parts]
+        wanted = "concat" if kind is Step.CONCAT else "residual"
         for layer in layer_map.values():
-            if layer.kind != kind:
+            if layer.kind != wanted:
                 continue
             mods = [b.module or None for b in layer.branches]
-            if kind == "concat" and mods == producers:
+            if wanted == "concat" and mods == producers:
                 return layer.name
-            if kind == "residual" and set(m for m in mods if m) == set(m for m in producers if m):
+            if wanted == "residual" and set(m for m in mods if m) == set(m for m in producers if m):
                 return layer.name
     return None
 
@@ -120,22 +71,15 @@ def feeding_layer(module: nn.Module, layer_map: LayerMap, layer: Layer | str) ->
     by something other than a layer, a concatenation of layers, a residual sum or the input).
     """
     layer = layer_map.resolve(layer)
-    graph = _graph(module)
-    if graph is None or not layer.module or layer.kind not in ("conv", "linear"):
+    flow = _flow(module)
+    if flow is None or not layer.module or layer.kind not in ("conv", "linear"):
         return None
-    calls = [n for n in graph.nodes if n.op == "call_module" and str(n.target) == layer.module]
-    if not calls or not calls[0].args or not isinstance(calls[0].args[0], fx.Node):
+    calls = flow.calls_of(layer.module)
+    if not calls or not flow.tensor_args(calls[0]):
         return None
-    node = calls[0].args[0]
     # a linear layer reads its map through a flatten
-    for _ in range(8):
-        if node.op in ("call_function", "call_method") and (node.target in (torch.flatten,) or node.target in _FLATTEN_METHODS):
-            node = node.args[0]
-        elif _is_preserving(module, node) and node.args and isinstance(node.args[0], fx.Node):
-            node = node.args[0]
-        else:
-            break
-    return _layer_for(module, layer_map, node)
+    node = flow.walk_back(flow.tensor_args(calls[0])[0], CHANNEL_STEPS | {Step.RESHAPE})
+    return _layer_for(flow, layer_map, node)
 
 
 class _FlattenSpy(TorchFunctionMode):

@@ -17,11 +17,10 @@ batch norm) and its post-activation values, so activation capture needs only for
 """
 from __future__ import annotations
 
-import operator
 import weakref
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -130,6 +129,8 @@ class LayerMap(Mapping[str, Layer]):
             if layer.module and layer.module not in self._by_module:
                 self._by_module[layer.module] = layer.name
         self._aliases: dict[str, str] = {}
+        self._owner: "weakref.ref[nn.Module] | None" = None  # the model, to name any module's output
+        self._module_layers: dict[str, Layer] = {}
 
     def __getitem__(self, name: str) -> Layer:
         return self._layers[name]
@@ -157,6 +158,14 @@ class LayerMap(Mapping[str, Layer]):
             return self._layers[self._by_module[key]]
         if key in self._aliases:
             return self._layers[self._aliases[key]]
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None:
+            if key not in self._module_layers:
+                found = module_layer(owner, key, self.input_shape)
+                if found is not None:
+                    self._module_layers[key] = found
+            if key in self._module_layers:
+                return self._module_layers[key]
         choices = list(self._layers) + list(self._aliases)
         raise UsageError(f"no layer named {key!r}{suggest(key, choices)}; run 'netanatomy layers MODEL' to list them")
 
@@ -178,58 +187,23 @@ class LayerMap(Mapping[str, Layer]):
 
 
 # ---------------------------------------------------------------------------------------------
-# What the walks may pass through
+# What the walks may pass through: one list, in models/dataflow.py (re-exported here)
 
-ANALYZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-AFFINE_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-ACTIVATION_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.PReLU,
-)
-CHANNEL_PRESERVING_MODULES = (
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d, nn.LocalResponseNorm,
-    nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d,
-    nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+from .dataflow import (  # noqa: E402
+    ACTIVATION_MODULES,
+    AFFINE_MODULES,
+    ANALYZABLE,
+    CHANNEL_PRESERVING_MODULES,
+    CHANNEL_STEPS,
+    TRANSFORMS,
+    DataFlow,
+    Step,
+    Tracer,
+    activation_module_name,
+    probe_input,
 )
 
-# elementwise activations as functions or tensor methods, by the name we record
-_ACT_FUNCTIONS = {
-    torch.relu: "relu", F.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.relu6: "relu6",
-    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.gelu: "gelu",
-    F.silu: "silu", F.elu: "elu", F.leaky_relu: "leaky_relu", F.hardswish: "hardswish", F.mish: "mish",
-    F.softplus: "softplus",
-}
-_ACT_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "sigmoid_": "sigmoid"}
-_PRESERVING_FUNCTIONS = {
-    F.pad, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.lp_pool2d, F.local_response_norm,
-    F.dropout, F.dropout2d, F.batch_norm, F.instance_norm, torch.max_pool2d, torch.avg_pool1d,
-}
-_PRESERVING_METHODS = {"contiguous", "clone", "float", "to", "detach"}
-_ADD = {operator.add, operator.iadd, torch.add}
 _CAT = {torch.cat, torch.concat}
-
-# functions to turn a hooked pre-activation into the post-activation value
-TRANSFORMS = {
-    "relu": F.relu, "relu6": F.relu6, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": F.gelu,
-    "silu": F.silu, "elu": F.elu, "leaky_relu": F.leaky_relu, "hardswish": F.hardswish, "mish": F.mish,
-    "softplus": F.softplus,
-}
-
-
-def _is_marked(module: nn.Module) -> bool:
-    return bool(getattr(module, "netanatomy_transparent", False) or getattr(module, "netanatomy_leaf", False))
-
-
-class Tracer(fx.Tracer):
-    """torch.fx tracing as every netanatomy walk sees a model: torch.nn modules are leaves, and
-    so are modules marked `netanatomy_transparent` / `netanatomy_leaf` (opaque steps)."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_marked(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -271,8 +245,45 @@ def discover_layers(module: nn.Module, input_shape: Sequence[int] | None = None,
     finally:
         module.train(was_training)
     result.add_aliases(getattr(module, "netanatomy_aliases", {}) or {})
+    result._owner = weakref.ref(module)
     _CACHE.setdefault(module, {})[key] = result
     return result
+
+
+def module_layer(module: nn.Module, name: str, input_shape: Sequence[int]) -> Layer | None:
+    """The output of any submodule as a layer (its channels, or features, are the units), as
+    Lucent names layers: `features.3`, a ReLU module `det`, a whole block. `NAME@K` is the
+    K-th call of a module called more than once. None when `name` names no submodule."""
+    base, _, call_text = name.partition("@")
+    if not base or (call_text and not call_text.isdigit()):
+        return None
+    try:
+        sub = module.get_submodule(base)
+    except AttributeError:
+        return None
+    call = int(call_text or 0)
+    outputs: list[Any] = []
+    handle = sub.register_forward_hook(lambda _m, _a, out: outputs.append(out))
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(probe_input(module, input_shape))
+    except Exception as exc:
+        raise UsageError(f"cannot run the model to find the output of module {base}: {type(exc).__name__}: {exc}") \
+            from exc
+    finally:
+        handle.remove()
+        module.train(was_training)
+    if call >= len(outputs):
+        raise UsageError(f"module {base} is called {len(outputs)} time(s) in the forward; there is no call {call}")
+    out = outputs[call]
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        raise UsageError(f"module {base} does not return a tensor of [batch, units, ...]; it has no units to name")
+    term = (Term(base, "output", call),)
+    label = base if not call else f"{base}@{call}"
+    return Layer(name=label, module=base, kind="module", units=int(out.shape[1]), out_shape=tuple(out.shape[1:]),
+                 activation=activation_module_name(sub), pre=term, post=term)
 
 
 def resolve_layer(module: nn.Module, name: str, input_shape: Sequence[int] | None = None) -> Layer:
@@ -305,25 +316,31 @@ def _guess_input_shape(module: nn.Module) -> tuple[int, ...]:
     raise UsageError("cannot tell what input shape this model takes; pass --input-shape C,H,W")
 
 
-def _probe_input(module: nn.Module, shape: Sequence[int], batch: int = 2) -> torch.Tensor:
-    """A fixed random input in [0, 1]; random, not zeros, so that different tensors differ."""
-    param = next(module.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    gen = torch.Generator().manual_seed(1234)
-    return torch.rand((batch, *shape), generator=gen).to(device=device, dtype=dtype)
+_probe_input = probe_input
 
 
 # ---------------------------------------------------------------------------------------------
 # fx discovery
 
 
-@dataclass
-class _Graph:
-    module: nn.Module
-    nodes: list[fx.Node]
-    calls: dict[fx.Node, int] = field(default_factory=dict)  # call index of call_module nodes
-    regions: dict[tuple[fx.Node, str], int] = field(default_factory=dict)  # (node, module) -> call index
+class _Graph(DataFlow):
+    """The data flow of a model as discovery reads it: the one walker (models/dataflow.py),
+    plus which run of each enclosing module's forward a node belongs to (call indices of
+    non-leaf modules, for hooks on what a block returns)."""
+
+    def __init__(self, module: nn.Module, shape: tuple[int, ...]):
+        super().__init__(module, shape)
+        self.regions: dict[tuple[fx.Node, str], int] = {}  # (node, module) -> call index
+        # a module's forward occupies a contiguous run of nodes; number the runs to get call indices
+        runs: dict[str, int] = defaultdict(lambda: -1)
+        active: set[str] = set()
+        for node in self.nodes:
+            scope = set(self.scopes(node))
+            for owner in scope - active:
+                runs[owner] += 1
+            active = scope
+            for owner in scope:
+                self.regions[(node, owner)] = runs[owner]
 
     def scopes(self, node: fx.Node) -> list[str]:
         stack = node.meta.get("nn_module_stack") or {}
@@ -343,53 +360,12 @@ class _Graph:
                 return Term(owner, "output", region, start)
         return None
 
-    def mod(self, node: fx.Node) -> nn.Module | None:
-        if node.op == "call_module":
-            return self.module.get_submodule(node.target)
-        return None
-
-    def shape(self, node: fx.Node) -> tuple[int, ...] | None:
-        meta = node.meta.get("tensor_meta")
-        if meta is None or not hasattr(meta, "shape"):
-            return None
-        return tuple(meta.shape[1:])
-
-    def activation_name(self, node: fx.Node) -> str | None:
-        m = self.mod(node)
-        if m is not None:
-            return type(m).__name__.lower() if isinstance(m, ACTIVATION_MODULES) else None
-        if node.op == "call_function" and node.target in _ACT_FUNCTIONS:
-            return _ACT_FUNCTIONS[node.target]
-        if node.op == "call_method" and node.target in _ACT_METHODS:
-            return _ACT_METHODS[node.target]
-        return None
-
     def is_affine(self, node: fx.Node) -> bool:
-        m = self.mod(node)
-        return isinstance(m, AFFINE_MODULES) or (node.op == "call_function" and node.target is F.batch_norm)
+        return self.step(node) is Step.AFFINE
 
     def is_preserving(self, node: fx.Node) -> bool:
         """Channel-preserving steps a branch may pass through (activations and norms included)."""
-        m = self.mod(node)
-        if m is not None:
-            return isinstance(m, ACTIVATION_MODULES + AFFINE_MODULES + CHANNEL_PRESERVING_MODULES) or _is_marked(m)
-        if node.op == "call_function":
-            return node.target in _ACT_FUNCTIONS or node.target in _PRESERVING_FUNCTIONS
-        if node.op == "call_method":
-            return node.target in _ACT_METHODS or node.target in _PRESERVING_METHODS
-        return False
-
-    def producer(self, node: fx.Node) -> fx.Node | None:
-        """The conv/linear call whose units this node carries, walking back through preserving steps."""
-        seen = 0
-        while node is not None and seen < 64:
-            seen += 1
-            if isinstance(self.mod(node), ANALYZABLE):
-                return node
-            if not self.is_preserving(node) or not node.args or not isinstance(node.args[0], fx.Node):
-                return None
-            node = node.args[0]
-        return None
+        return self.step(node) in CHANNEL_STEPS
 
     def hook_term(self, node: fx.Node, start: int = 0) -> Term | None:
         """A hook that yields exactly this node's value, if there is one."""
@@ -408,45 +384,12 @@ class _Graph:
         return None
 
     def pre_and_activation(self, node: fx.Node) -> tuple[fx.Node, fx.Node | None]:
-        """Follow per-channel affine steps (batch norm) forward; return (pre node, activation node)."""
-        cur = node
-        for _ in range(8):
-            users = list(cur.users)
-            if len(users) == 1 and self.is_affine(users[0]):
-                cur = users[0]
-                continue
-            break
-        users = list(cur.users)
-        act = users[0] if len(users) == 1 and self.activation_name(users[0]) else None
-        return cur, act
+        """(pre node, activation node) of a conv/linear call: see DataFlow.unit_output."""
+        return self.unit_output(node)
 
 
 def _trace(module: nn.Module, shape: tuple[int, ...]) -> _Graph:
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    graph = Tracer().trace(module)
-    gm = fx.GraphModule(module, graph)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(_probe_input(module, shape))
-    nodes = list(graph.nodes)
-    counts: dict[str, int] = defaultdict(int)
-    calls = {}
-    for node in nodes:
-        if node.op == "call_module":
-            calls[node] = counts[node.target]
-            counts[node.target] += 1
-    g = _Graph(module, nodes, calls)
-    # a module's forward occupies a contiguous run of nodes; number the runs to get call indices
-    runs: dict[str, int] = defaultdict(lambda: -1)
-    active: set[str] = set()
-    for node in nodes:
-        scope = set(g.scopes(node))
-        for owner in scope - active:
-            runs[owner] += 1
-        active = scope
-        for owner in scope:
-            g.regions[(node, owner)] = runs[owner]
-    return g
+    return _Graph(module, shape)
 
 
 def _enclosing(g: _Graph, node: fx.Node) -> str:
@@ -497,7 +440,7 @@ def _discover_fx(module: nn.Module, shape: tuple[int, ...]) -> LayerMap:
             layer = _fx_param_layer(g, node, m, unique, display)
         elif node.op == "call_function" and node.target in _CAT:
             layer = _fx_concat_layer(g, node, unique, display)
-        elif _is_add(node):
+        elif g.is_add(node):
             layer = _fx_residual_layer(g, node, unique, display, named)
         if layer is not None:
             layers.append(layer)
@@ -587,17 +530,6 @@ def _fx_concat_layer(g: _Graph, node: fx.Node, unique, display) -> Layer | None:
     )
 
 
-def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in _ADD:
-        pass
-    elif node.op == "call_method" and node.target in ("add", "add_"):
-        pass
-    else:
-        return False
-    args = [a for a in node.args[:2]]
-    return len(args) == 2 and all(isinstance(a, fx.Node) for a in args)
-
-
 def _fx_residual_layer(g: _Graph, node: fx.Node, unique, display, named: dict[fx.Node, str]) -> Layer | None:
     a, b = node.args[0], node.args[1]
     out_shape, sa, sb = g.shape(node), g.shape(a), g.shape(b)
@@ -656,20 +588,8 @@ def _inherit_groups(g: _Graph, layers: list[Layer]) -> list[Layer]:
 
 def _consumers(g: _Graph, node: fx.Node) -> list[nn.Module]:
     """Parametric modules that read this node's units, through channel-preserving steps."""
-    found, frontier, seen = [], list(node.users), set()
-    while frontier:
-        user = frontier.pop()
-        if user in seen:
-            continue
-        seen.add(user)
-        m = g.mod(user)
-        if isinstance(m, ANALYZABLE):
-            found.append(m)
-        elif g.is_preserving(user):
-            frontier.extend(user.users)
-        else:
-            return []  # something else reads these units: not a clean split
-    return found
+    readers = g.readers(node)
+    return [g.mod(r) for r in readers] if readers else []
 
 
 # ---------------------------------------------------------------------------------------------

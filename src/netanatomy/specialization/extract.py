@@ -11,56 +11,29 @@
 """
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from ..core.graphs import WeightEdge, WeightNetwork, fold_batchnorm
 from ..errors import UsageError
-from ..models.layers import Tracer
+from ..models.dataflow import AFFINE_MODULES, FEEDING_STEPS, WEIGHT_MODULES, DataFlow, Step
+from ..models.dataflow import trace as trace_dataflow
 
 INPUT = "input"
-
-WEIGHT_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_PASS_MODULES = (
-    *_BATCHNORM, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
-    nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.PReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d,
-    nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
-    nn.LocalResponseNorm, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ReflectionPad1d,
-    nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.InstanceNorm1d, nn.InstanceNorm2d,
-)
-_PASS_FUNCTIONS = {
-    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.gelu, F.silu,
-    F.elu, F.leaky_relu, F.hardswish, F.mish, F.softplus, torch.flatten, F.pad, F.max_pool1d, F.max_pool2d,
-    F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d, F.lp_pool2d, F.local_response_norm, F.dropout, F.dropout2d, F.batch_norm,
-    F.instance_norm, torch.max_pool2d, torch.avg_pool1d,
-}
-_PASS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "flatten", "view", "reshape", "contiguous", "clone", "float",
-                 "to", "detach", "sigmoid_"}
-_ELEMENTWISE_BINARY = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
-                       operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div}
-_CATS = {torch.cat, torch.concat}
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """An fx GraphModule of `model` (UsageError when the model cannot be traced)."""
     try:
-        graph = Tracer().trace(model)
+        return trace_dataflow(model)
     except Exception as exc:
         raise UsageError(f"torch.fx cannot trace this model ({type(exc).__name__}: {exc}); the weight graph "
                          "needs a traceable model") from exc
-    return fx.GraphModule(model, graph)
 
 
 @dataclass(frozen=True)
@@ -79,18 +52,8 @@ def weight_network(model: nn.Module, input_shape: Sequence[int], *, layer_names:
     by their module otherwise. The input is one layer, "input": its pixels (C*H*W units) when a
     linear layer reads the flattened image (an MLP), its channels when a conv reads it.
     """
-    gm = trace(model)
-    param = next(model.parameters(), None)
-    probe = torch.rand((2, *input_shape), generator=torch.Generator().manual_seed(0))
-    if param is not None:
-        probe = probe.to(device=param.device, dtype=param.dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(probe)
-    finally:
-        model.train(was_training)
+    flow = DataFlow(model, input_shape, gm=trace(model))
+    gm = flow.gm
     modules = dict(gm.named_modules())
     names = layer_names or {}
     weight_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], WEIGHT_MODULES)]
@@ -103,8 +66,7 @@ def weight_network(model: nn.Module, input_shape: Sequence[int], *, layer_names:
                              "in a weight graph")
         seen_targets.add(n.target)
 
-    cache: dict[fx.Node, list[tuple[str, int]]] = {}
-    walker = _SourceWalker(modules, cache)
+    walker = _SourceWalker(flow)
     sizes: dict[str, int] = {}
     module_of: dict[str, str] = {}
     edges: list[WeightEdge] = []
@@ -118,7 +80,7 @@ def weight_network(model: nn.Module, input_shape: Sequence[int], *, layer_names:
         sizes[name] = int(m.out_features if isinstance(m, nn.Linear) else m.out_channels)
         module_of[name] = n.target
         weight = m.weight.detach().cpu().double().numpy()
-        bn = _following_batchnorm(n, modules)
+        bn = _following_batchnorm(flow, n)
         if bn is not None:
             gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
             weight = fold_batchnorm(weight, gamma, bn.running_var, bn.eps)
@@ -149,20 +111,26 @@ def weight_network(model: nn.Module, input_shape: Sequence[int], *, layer_names:
     return ExtractedNetwork(network, {INPUT: "", **module_of} if input_units else dict(module_of))
 
 
-def _following_batchnorm(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
+def _following_batchnorm(flow: DataFlow, node: fx.Node) -> nn.Module | None:
     """The batch norm that alone reads a conv/linear output, if any (to fold it in)."""
     users = list(node.users)
-    if len(users) == 1 and users[0].op == "call_module" and isinstance(modules[users[0].target], _BATCHNORM):
-        return modules[users[0].target]
+    if len(users) == 1 and isinstance(flow.mod(users[0]), AFFINE_MODULES):
+        return flow.mod(users[0])
     return None
 
 
 class _SourceWalker:
-    """Follows a tensor back to the layers whose units it carries: [(layer module or INPUT, channel offset)]."""
+    """Follows a tensor back to the layers whose units it carries: [(layer module or INPUT, channel offset)].
 
-    def __init__(self, modules: dict[str, nn.Module], cache: dict[fx.Node, list[tuple[str, int]]]):
-        self.modules = modules
-        self.cache = cache
+    The walk passes the steps that keep channel i as channel i (models/dataflow.py's
+    FEEDING_STEPS, flatten included: a linear layer reads a map flat); a concatenation along
+    channels gives one source per part at its offset; an elementwise op of computed tensors (a
+    residual sum, a gate) gives every operand's sources over the same range.
+    """
+
+    def __init__(self, flow: DataFlow):
+        self.flow = flow
+        self.cache: dict[fx.Node, list[tuple[str, int]]] = {}
 
     def sources(self, node: fx.Node) -> list[tuple[str, int]]:
         if node not in self.cache:
@@ -170,20 +138,19 @@ class _SourceWalker:
         return self.cache[node]
 
     def _sources(self, node: fx.Node) -> list[tuple[str, int]]:
-        if node.op == "placeholder":
+        flow = self.flow
+        node = flow.walk_back(node, FEEDING_STEPS)
+        kind = flow.step(node)
+        if kind is Step.INPUT:
             return [(INPUT, 0)]
-        if node.op == "get_attr":
+        if kind is Step.CONSTANT:
             return []
-        if node.op == "call_module":
-            m = self.modules[node.target]
-            if isinstance(m, WEIGHT_MODULES):
-                return [(node.target, 0)]
-            if isinstance(m, _PASS_MODULES) or getattr(m, "netanatomy_transparent", False):
-                return self.sources(node.args[0])
-            raise UsageError(f"the weight graph cannot follow data through module {node.target} "
-                             f"({type(m).__name__})")
-        target = node.target
-        if node.op == "call_function" and target in _CATS:
+        if kind is Step.LAYER:
+            if not isinstance(flow.mod(node), WEIGHT_MODULES):
+                raise UsageError(f"the weight graph cannot follow data through module {node.target} "
+                                 f"({type(flow.mod(node)).__name__})")
+            return [(str(node.target), 0)]
+        if kind is Step.CONCAT:
             tensors = node.args[0] if node.args else node.kwargs.get("tensors")
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             if dim not in (1, -3) and not (dim == -1 and len(node.meta["tensor_meta"].shape) == 2):
@@ -193,38 +160,19 @@ class _SourceWalker:
                 out += [(src, offset + start) for src, start in self.sources(t)]
                 offset += int(t.meta["tensor_meta"].shape[1])
             return out
-        if (node.op == "call_function" and target in _PASS_FUNCTIONS) or (
-                node.op == "call_method" and target in _PASS_METHODS):
-            return self.sources(node.args[0])
-        if node.op in ("call_function", "call_method") and (target in _ELEMENTWISE_BINARY or target in {
-                "add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"}):
+        if kind is Step.ELEMENTWISE:
             # Channel i of the result depends on channel i of each computed operand (a residual
             # sum, x * x, a gate): every operand's layers feed it over the same range.
-            tensors = [a for a in node.args[:2] if isinstance(a, fx.Node) and a.op != "get_attr"]
             out: list[tuple[str, int]] = []
-            for t in tensors:
+            for t in flow.tensor_args(node):
                 for s in self.sources(t):
                     if s not in out:
                         out.append(s)
             return out
-        if node.op in ("call_function", "call_method") and self._keeps_channels(node):
-            return self.sources(self._computed_args(node)[0])
+        if node.op == "call_module":
+            raise UsageError(f"the weight graph cannot follow data through module {node.target} "
+                             f"({type(flow.mod(node)).__name__})")
         raise UsageError(f"the weight graph cannot follow data through {node.format_node()}")
-
-    @staticmethod
-    def _computed_args(node: fx.Node) -> list[fx.Node]:
-        args = list(node.args) + list(node.kwargs.values())
-        return [a for a in args if isinstance(a, fx.Node) and a.op != "get_attr" and "tensor_meta" in a.meta]
-
-    def _keeps_channels(self, node: fx.Node) -> bool:
-        """An op of one computed tensor (the rest constants) that keeps batch and channel sizes,
-        such as x.pow(2), torch.sqrt, x.mean((2, 3)): each channel stays itself."""
-        args = self._computed_args(node)
-        out = node.meta.get("tensor_meta")
-        if len(args) != 1 or out is None or not hasattr(out, "shape"):
-            return False
-        shape_in, shape_out = tuple(args[0].meta["tensor_meta"].shape), tuple(out.shape)
-        return len(shape_in) >= 2 and len(shape_out) >= 2 and shape_in[:2] == shape_out[:2]
 
 
 def activation_values(model: nn.Module, layers: Sequence[str], data, *, max_examples: int | None = 5000,

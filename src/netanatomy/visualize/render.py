@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..capture.hooks import recording
 from ..errors import UsageError
-from ..models.layers import Layer, Term, discover_layers
+from ..models.layers import Layer, discover_layers
 from ..models.layout import channels_last as layout_channels_last
 from ..models.layout import prefers_channels_last
 from ..util.devices import resolve_device
@@ -171,20 +171,9 @@ def frozen_eval(model: nn.Module, channels_last: bool = False) -> Iterator[nn.Mo
 
 
 def _resolve_layers(model: nn.Module, layer_map, objs: Sequence[Objective]) -> dict[str, Layer]:
-    """Objective layer name -> Layer; a submodule that is no layer of the map is hooked at its output."""
+    """Objective layer name -> Layer (any submodule's output is a layer: LayerMap.resolve)."""
     names = {name for obj in objs for name in obj.layers}
-    out: dict[str, Layer] = {}
-    modules = dict(model.named_modules())
-    for name in sorted(names):
-        try:
-            out[name] = layer_map.resolve(name)
-        except UsageError:
-            if name in modules and name:
-                term = (Term(name),)
-                out[name] = Layer(name=name, module=name, kind="module", units=0, out_shape=(), pre=term, post=term)
-            else:
-                raise
-    return out
+    return {name: layer_map.resolve(name) for name in sorted(names)}
 
 
 @dataclass
