@@ -180,3 +180,48 @@ def test_zoo_alexnet_towers_are_branches():
     # conv3 reads both towers, but each half of its units feeds only its own tower's conv4
     assert [b.kind for b in lm.resolve("conv3").branches] == ["group", "group"]
     assert lm.resolve("fc6").branches == ()
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand, 3x3 depthwise, 1x1 project, identity sum."""
+
+    def __init__(self, c, expand=6):
+        super().__init__()
+        hidden = c * expand
+        self.conv = nn.Sequential(
+            nn.Conv2d(c, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, c, 1, bias=False), nn.BatchNorm2d(c),
+        )
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+def test_depthwise_convs_are_layers_not_per_channel_branches():
+    from netanatomy.models.layers import layers_summary
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU6(), InvertedResidual(16), InvertedResidual(16),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    layers = discover_layers(model, (3, 32, 32))
+    dw = layers.resolve("2.conv.3")
+    assert dw.depthwise and dw.groups == 96 and dw.branches == ()
+    expand = layers.resolve("2.conv.0")       # feeds only the depthwise conv: not split either
+    assert not expand.depthwise and expand.branches == ()
+    assert all(len(layer.branches) <= 2 for layer in layers.values())
+    text = layers_summary(layers)
+    assert len(text.splitlines()) < 16 and max(len(line) for line in text.splitlines()) < 140
+    assert "3x3 dw" in text
+
+
+def test_grouped_conv_branches_stay_and_long_lists_are_summarized():
+    from netanatomy.models.layers import layers_summary
+
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1, groups=32),
+                          nn.ReLU()).eval()
+    layers = discover_layers(model, (3, 8, 8))
+    grouped = layers.resolve("2")
+    assert len(grouped.branches) == 32 and {b.size for b in grouped.branches} == {2}
+    assert len(layers.resolve("0").branches) == 32          # it feeds only the grouped conv
+    assert "32 groups of 2 units" in layers_summary(layers)

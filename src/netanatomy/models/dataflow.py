@@ -143,6 +143,12 @@ def module_step(m: nn.Module) -> Step:
     return Step.OTHER
 
 
+def is_depthwise(m: nn.Module) -> bool:
+    """A conv whose every group reads one input channel (MobileNet's depthwise convs): its
+    groups are per-channel filters, not branches of the layer."""
+    return isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.groups > 1 and m.groups == m.in_channels
+
+
 def activation_module_name(m: nn.Module) -> str | None:
     return type(m).__name__.lower() if isinstance(m, ACTIVATION_MODULES) else None
 
@@ -396,6 +402,6 @@ def dataflow(module: nn.Module, input_shape: Sequence[int] | None = None) -> Dat
 __all__ = [
     "ACTIVATION_FUNCTIONS", "ACTIVATION_METHODS", "ACTIVATION_MODULES", "AFFINE_MODULES", "ANALYZABLE",
     "CHANNEL_PRESERVING_MODULES", "CHANNEL_STEPS", "DataFlow", "FEEDING_STEPS", "IDENTITY_MODULES",
-    "PRESERVING_MODULES", "Step", "TRANSFORMS", "Tracer", "WEIGHT_MODULES", "dataflow", "is_marked",
+    "PRESERVING_MODULES", "Step", "TRANSFORMS", "Tracer", "WEIGHT_MODULES", "dataflow", "is_depthwise", "is_marked",
     "module_step", "probe_input", "trace",
 ]

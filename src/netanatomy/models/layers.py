@@ -83,6 +83,11 @@ class Layer:
     combine: str = "cat"  # how terms give the layer's values: "cat" along channels, or "sum"
 
     @property
+    def depthwise(self) -> bool:
+        """A conv whose every group reads one input channel (its groups are no branches)."""
+        return self.kind == "conv" and self.groups > 1 and bool(self.in_shape) and self.in_shape[0] == self.groups
+
+    @property
     def spatial(self) -> tuple[int, ...]:
         """Spatial shape of one unit's map; () for a linear unit."""
         return tuple(self.out_shape[1:])
@@ -107,6 +112,7 @@ class Layer:
             "kernel_size": list(self.kernel_size) if self.kernel_size else None,
             "stride": list(self.stride) if self.stride else None,
             "groups": self.groups,
+            "depthwise": self.depthwise,
             "activation": self.activation,
             "branches": [
                 {"name": b.name, "kind": b.kind, "start": b.start, "stop": b.stop, "units": b.size, "module": b.module}
@@ -200,6 +206,7 @@ from .dataflow import (  # noqa: E402
     Step,
     Tracer,
     activation_module_name,
+    is_depthwise,
     probe_input,
 )
 
@@ -468,7 +475,7 @@ def _fx_param_layer(g: _Graph, node: fx.Node, m: nn.Module, unique, display) -> 
     pre = g.hook_term(pre_node) or g.hook_term(node)
     post = g.hook_term(act_node) if act_node is not None else pre
     branches: tuple[Branch, ...] = ()
-    if groups > 1:
+    if groups > 1 and not is_depthwise(m):
         size = units // groups
         branches = tuple(Branch(f"{name}.group{k}", "group", k * size, (k + 1) * size, str(node.target)) for k in range(groups))
     return Layer(
@@ -575,7 +582,8 @@ def _inherit_groups(g: _Graph, layers: list[Layer]) -> list[Layer]:
         if layer.kind == "conv" and layer.groups == 1 and node is not None:
             consumers = _consumers(g, node)
             groups = {int(c.groups) for c in consumers if isinstance(c, ANALYZABLE) and not isinstance(c, nn.Linear)}
-            if consumers and len(groups) == 1 and all(isinstance(c, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for c in consumers):
+            if consumers and len(groups) == 1 and all(isinstance(c, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                                                      and not is_depthwise(c) for c in consumers):
                 k = groups.pop()
                 if k > 1 and layer.units % k == 0:
                     size = layer.units // k
@@ -683,7 +691,7 @@ def _discover_modules(module: nn.Module, shape: tuple[int, ...]) -> LayerMap:
             units, kind = m.out_channels, "conv"
             kernel, stride, groups = tuple(m.kernel_size), tuple(m.stride), int(m.groups)
         branches: tuple[Branch, ...] = ()
-        if groups > 1:
+        if groups > 1 and not is_depthwise(m):
             size = units // groups
             branches = tuple(Branch(f"{name}.group{k}", "group", k * size, (k + 1) * size, c.name) for k in range(groups))
         found.append((c.order, Layer(
@@ -821,7 +829,12 @@ def layers_summary(layer_map: LayerMap) -> str:
     lines = [f"{'layer':<40} {'kind':<9} {'units':>6}  {'kernel':<7} branches"]
     for layer in layer_map.values():
         kernel = "x".join(map(str, layer.kernel_size)) if layer.kernel_size else "-"
-        if layer.branches:
+        if layer.depthwise:
+            kernel += " dw"
+        sizes = {b.size for b in layer.branches}
+        if len(layer.branches) > 8 and len(sizes) == 1:
+            branch_text = f"{len(layer.branches)} {layer.branches[0].kind}s of {sizes.pop()} units"
+        elif layer.branches:
             parts = [f"{b.name} {b.size} [{b.start}:{b.stop})" for b in layer.branches]
             branch_text = "; ".join(parts)
         else:
