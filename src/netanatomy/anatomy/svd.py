@@ -42,28 +42,50 @@ class SVDReport:
 
 
 def layer_svd(module: nn.Module, layer_map: LayerMap, upper: str, lower: str | None = None, *,
-              center: bool = False, fold_bn: bool = False) -> SVDReport:
+              center: bool = False, fold_bn: bool = False, through: bool = False) -> SVDReport:
     """SVD of |W| of `upper`; the lower layer is the one feeding it (found on the graph).
 
     When the feeding layer is a concatenation its units are all the concatenated channels
-    (every branch), in the concatenated order. When the lower layer is a first layer (it reads
-    the image), its filters' colourfulness and spatial frequency are correlated with singular
-    vectors 0 and 1 of the lower units.
+    (every branch), in the concatenated order. With `through`, W is the expanded weight from
+    `lower` (any earlier layer) to `upper` through the layers between, linearized (summed |.|
+    over the receptive field): the Branch Specialization article's SVD from a stem to a later
+    layer. When the lower layer is a first layer (it reads the image), its filters'
+    colourfulness and spatial frequency are correlated with singular vectors 0 and 1 of the
+    lower units.
     """
     up = layer_map.resolve(upper)
-    lw = layer_weights(module, layer_map, up, fold_bn=fold_bn)
-    weights = lw.weights
     found = feeding_layer(module, layer_map, up)
-    low_name = layer_map.resolve(lower).name if lower else found
+    if through:
+        if not lower:
+            raise UsageError("--through needs the lower layer: name it with --lower")
+        from .expanded import expanded_weights
+
+        low_name = layer_map.resolve(lower).name
+        ew = expanded_weights(module, layer_map, low_name, up.name)
+        weights = ew.weights.float().cpu()
+        note = f"expanded weights from {low_name} to {up.name} (nonlinearities linearized)"
+        if ew.kept:
+            note += f"; left nonlinear: {', '.join(ew.kept)}"
+    else:
+        if up.depthwise:
+            feeder = f" --lower {found}" if found and found != INPUT else " --lower LAYER"
+            raise UsageError(
+                f"layer {up.name} is depthwise: each unit reads one channel, so |W| is diagonal and its SVD says "
+                f"nothing about who connects to whom; ask it of the pointwise conv after it, or through the "
+                f"depthwise conv with expanded weights: netanatomy svd MODEL --layer NEXT{feeder} --through")
+        lw = layer_weights(module, layer_map, up, fold_bn=fold_bn, dense_groups=True)
+        weights = lw.weights
+        low_name = layer_map.resolve(lower).name if lower else found
+        note = lw.note
     if low_name is None:
         raise UsageError(f"cannot tell which layer feeds {up.name}: name it with --lower")
     if low_name == INPUT:
         raise UsageError(f"{up.name} reads the model input: take the layer after it as the upper layer")
     res = abs_svd(weights, center=center)
-    filters, properties, correlations, note = None, {}, {}, lw.note
+    filters, properties, correlations = None, {}, {}
     low = layer_map.resolve(low_name)
     if low.kind == "conv" and feeding_layer(module, layer_map, low) == INPUT:
-        lower_w = layer_weights(module, layer_map, low).weights
+        lower_w = layer_weights(module, layer_map, low, dense_groups=True).weights
         if lower_w.shape[0] == weights.shape[1]:
             filters = lower_w
             properties = {"colourfulness": colourfulness(filters), "frequency": spatial_frequency(filters)}
@@ -71,4 +93,3 @@ def layer_svd(module: nn.Module, layer_map: LayerMap, upper: str, lower: str | N
     if weights.shape[1] != low.units:
         note = (note + "; " if note else "") + f"{up.name} reads {weights.shape[1]} channels, {low.name} has {low.units} units"
     return SVDReport(up.name, low.name, res, filters, properties, correlations, note)
-

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UsageError
+from ..models.dataflow import is_depthwise
 from ..models.layers import AFFINE_MODULES, Layer, LayerMap
 from .graph import linear_input_map
 
@@ -77,12 +78,15 @@ def _following_batchnorm(module: nn.Module, layer: Layer) -> nn.Module | None:
 
 
 def layer_weights(module: nn.Module, layer_map: LayerMap, layer: Layer | str, *, fold_bn: bool = False,
-                  map_shape: tuple[int, int, int] | None = None, dense_groups: bool = True) -> LayerWeights:
+                  map_shape: tuple[int, int, int] | None = None, dense_groups: bool | None = None) -> LayerWeights:
     """The weights of a conv or linear layer, detached, on the CPU, float32.
 
     A linear layer reading a flattened map is reshaped to [units, C, h, w] (the map shape is
     found by a forward pass, or given as `map_shape`). `fold_bn` folds a following batch norm.
-    A grouped conv is made dense (zeros between groups) unless `dense_groups` is False.
+    A grouped conv is made dense (zeros between groups) when `dense_groups` is True, kept as
+    [out, in/groups, kh, kw] when False; None (default) makes grouped convs dense but keeps a
+    depthwise conv's kernels as they are ([1, kh, kw] per unit: a dense [U, U, kh, kw] would be
+    all zeros off the diagonal, and its pictures black).
     """
     layer = layer_map.resolve(layer)
     if layer.kind not in ("conv", "linear") or not layer.module:
@@ -104,6 +108,10 @@ def layer_weights(module: nn.Module, layer_map: LayerMap, layer: Layer | str, *,
         if weight.ndim != 4:
             raise UsageError(f"layer {layer.name} is not a 2-D convolution (weights {tuple(weight.shape)})")
         groups = int(getattr(mod, "groups", 1))
+        if dense_groups is None:
+            dense_groups = not is_depthwise(mod)
+        if groups > 1 and not dense_groups and is_depthwise(mod):
+            notes.append("depthwise conv: one [1, kh, kw] kernel per unit")
         if groups > 1 and dense_groups:
             weight = dense_grouped(weight, groups)
             notes.append(f"grouped conv ({groups} groups) as dense weights, zero between groups")
