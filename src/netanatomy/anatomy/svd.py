@@ -88,7 +88,12 @@ def layer_svd(module: nn.Module, layer_map: LayerMap, upper: str, lower: str | N
         lower_w = layer_weights(module, layer_map, low, dense_groups=True).weights
         if lower_w.shape[0] == weights.shape[1]:
             filters = lower_w
-            properties = {"colourfulness": colourfulness(filters), "frequency": spatial_frequency(filters)}
+            properties = {"frequency": spatial_frequency(filters)}
+            if filters.shape[1] >= 2:
+                properties = {"colourfulness": colourfulness(filters), **properties}
+            else:
+                note = (note + "; " if note else "") + (
+                    f"colour does not apply: {low.name} reads {filters.shape[1]}-channel images")
             correlations = correlate_components(res.lower, properties)
     if weights.shape[1] != low.units:
         note = (note + "; " if note else "") + f"{up.name} reads {weights.shape[1]} channels, {low.name} has {low.units} units"

@@ -1,4 +1,5 @@
-"""Depthwise convs as users see them: kernels drawn as they are, SVD pointed at the useful question."""
+"""Weight anatomy as real CNNs need it: depthwise kernels drawn as they are, SVD pointed at the useful
+question (and through expanded weights), colour left out where the model reads grey images."""
 import pytest
 import torch
 from torch import nn
@@ -58,3 +59,15 @@ def test_svd_through_expanded_weights_finds_a_planted_split():
     assert split, "no singular vector isolates one half of the stem"
     # the stem reads the image: colour and frequency correlations are reported
     assert set(report.correlations) == {"vector_0", "vector_1"}
+
+
+def test_svd_on_a_grey_model_leaves_colour_out():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 1), nn.ReLU()).eval()
+    layers = discover_layers(model, (1, 12, 12))
+    report = layer_svd(model, layers, "2")
+    assert "colourfulness" not in report.properties and "frequency" in report.properties
+    assert "colour does not apply" in report.note
+    for vector in report.correlations.values():
+        assert "colourfulness" not in vector
+        assert all(v == v for stats in vector.values() for v in stats.values())        # no NaN
