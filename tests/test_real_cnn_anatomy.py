@@ -71,3 +71,59 @@ def test_svd_on_a_grey_model_leaves_colour_out():
     for vector in report.correlations.values():
         assert "colourfulness" not in vector
         assert all(v == v for stats in vector.values() for v in stats.values())        # no NaN
+
+
+def _gabor(theta_deg: float, k: int = 5, freq: float = 0.25, sigma: float = 1.5) -> torch.Tensor:
+    """Stripes running at theta_deg (counter-clockwise from horizontal, row 0 on top)."""
+    import math
+
+    c = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
+    y, x = torch.meshgrid(c, c, indexing="ij")
+    t = math.radians(theta_deg + 90.0)                 # the wave runs across the stripes
+    u = x * math.cos(t) - y * math.sin(t)
+    return torch.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2)) * torch.cos(2 * math.pi * freq * u)
+
+
+def test_orientation_of_small_kernels():
+    from netanatomy.core.equivariance import filter_orientation
+
+    vline = torch.tensor([[-1.0, 2.0, -1.0]] * 3, dtype=torch.float64)
+    diag = torch.eye(3, dtype=torch.float64) * 3 - 1            # a line from top left to bottom right
+    blob = torch.tensor([[-1.0, -1, -1], [-1, 8, -1], [-1, -1, -1]], dtype=torch.float64)
+    filters = torch.stack([vline, vline.T, diag, blob])[:, None].expand(-1, 3, -1, -1)
+    angle, coherence = filter_orientation(filters)
+    assert angle[:3].tolist() == pytest.approx([90.0, 0.0, 135.0], abs=1e-6)
+    assert coherence[:3].min() > 0.99 and coherence[3] < 1e-6
+    gabors = torch.stack([_gabor(a, k=7) for a in (30.0, 75.0, 120.0)])[:, None]
+    angle, coherence = filter_orientation(gabors)
+    assert angle.tolist() == pytest.approx([30.0, 75.0, 120.0], abs=5.0) and coherence.min() > 0.5
+
+
+def test_small_kernel_families_have_orientations_duplicates_and_coarse_angles():
+    from netanatomy.core.equivariance import angle_resolution, rotation_families
+
+    assert [angle_resolution(k) for k in (3, 5, 7, 11)] == [45.0, 22.5, 15.0, 11.25]
+    vline = torch.tensor([[-1.0, 2.0, -1.0]] * 3, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(3, 3, 3, generator=g, dtype=torch.float64)
+    filters = torch.stack([vline, vline.T, 2.0 * vline])[:, None].expand(-1, 3, -1, -1)
+    filters = torch.cat([filters, noise[:, None].expand(-1, 3, -1, -1)])
+    (family,) = rotation_families(filters)
+    assert sorted(family.units) == [0, 1, 2]
+    assert family.period == 180.0 and family.orientation in (0.0, 90.0)       # oriented, not "no orientation"
+    assert family.resolution == 45.0 and all(a % 45.0 == 0 for a in family.angles)
+    assert family.kind == "rotated" and len(family.duplicates) == 1          # 0 and 2 are one filter
+    # copies only: called duplicates
+    (copies,) = rotation_families(torch.stack([_gabor(20.0), 1.5 * _gabor(20.0)])[:, None])
+    assert copies.kind == "duplicates" and copies.angles == [0.0, 0.0]
+
+
+def test_3x3_kernels_turn_on_their_ring_and_random_ones_form_no_family():
+    from netanatomy.core.equivariance import ring_rotate_3x3, rotation_families
+
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    assert torch.equal(ring_rotate_3x3(w, 2), torch.rot90(w, 1, dims=(-2, -1)))
+    vline = torch.tensor([[0.0, 1.0, 0.0]] * 3)
+    assert torch.equal(ring_rotate_3x3(vline, 1), torch.eye(3))           # | turned 45 degrees CCW is \
+    g = torch.Generator().manual_seed(5)
+    assert rotation_families(torch.randn(24, 3, 3, 3, generator=g, dtype=torch.float64)) == []
