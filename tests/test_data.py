@@ -545,3 +545,25 @@ def test_limit_shuffle_and_channel_options():
     assert torch.equal(x[:, :1], first.tensors(range(4))[0])
     with pytest.raises(UsageError, match="channels"):
         open_dataset("bundled?channels=2")
+
+
+def test_size_option_resizes_any_data_set():
+    ds = open_dataset("bundled?size=32&channels=3", "test", limit=6)
+    x, _ = ds.tensors()
+    assert ds.image_shape == (3, 32, 32) and x.shape == (6, 3, 32, 32)
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    assert ds.subset([1, 2]).image_shape == (3, 32, 32) and ds[0][0].shape == (3, 32, 32)
+    same = open_dataset("bundled?size=28", "test", limit=6)        # already 28 px: left as it is
+    assert torch.equal(same.tensors()[0], open_dataset("bundled", "test", limit=6).tensors()[0])
+    photos_ds = open_dataset("photos?n=4&channels=1&size=28")       # made at that size by the reader
+    assert photos_ds.image_shape == (1, 28, 28)
+    with pytest.raises(UsageError, match="size"):
+        open_dataset("bundled?size=0")
+
+
+def test_with_options_writes_the_spec_that_fits():
+    from netanatomy.data import with_options
+
+    assert with_options("photos", channels=1, size=28) == "photos?channels=1&size=28"
+    assert with_options("bundled?limit=5&size=32", size=28) == "bundled?limit=5&size=28"
+    assert open_dataset(with_options("bundled?limit=5", size=14), "test").image_shape == (1, 14, 14)

@@ -188,3 +188,48 @@ def test_random_init_is_seeded_and_leaves_global_state_alone():
     assert torch.equal(torch.get_rng_state(), before)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["conv1.weight"], c["conv1.weight"])
+
+
+def test_model_arguments_are_checked_against_the_signature(tmp_path):
+    from netanatomy.models.source import check_arguments
+
+    def build(width: int = 8, scale: float = 1.0, flag: bool = False, name: str = "a",
+              sizes: tuple[int, ...] = (1,), maybe: int | None = None, free=3):
+        return None
+
+    got = check_arguments(build, {"width": 4, "scale": 2, "flag": "yes", "name": 5, "sizes": [1, 2],
+                                  "maybe": None, "free": 0.5}, "f")
+    assert got == {"width": 4, "scale": 2, "flag": True, "name": "5", "sizes": [1, 2], "maybe": None, "free": 0.5}
+    for kwargs, message in (({"width": "abc"}, "width.*an integer"), ({"width": 2.5}, "an integer"),
+                            ({"scale": "big"}, "a number"), ({"sizes": (1, "a")}, "tuple of integers"),
+                            ({"maybe": "x"}, r"an integer \(or None\)"), ({"free": "x"}, "a number"),
+                            ({"widht": 1}, "did you mean: width")):
+        with pytest.raises(UsageError, match=message):
+            check_arguments(build, kwargs, "f")
+    # a zoo factory that passes **kwargs on answers to the class it returns
+    with pytest.raises(UsageError, match="widths"):
+        load_model("zoo:mlp", model_args=["widths=abc"])
+
+
+def test_user_model_file_failures_name_the_file(tmp_path):
+    for text, message in (("import netanatomy_absent_module\n", "failed to import: ModuleNotFoundError"),
+                          ("x = 1\nraise KeyError('k')\n", "failed to import: KeyError: 'k' at line 2"),
+                          ("def build():\n    return 1 / 0\n", r"build\(\) in your model file .* raised "
+                                                                 "ZeroDivisionError.* at line 2")):
+        src = tmp_path / "user_model.py"
+        src.write_text(text)
+        with pytest.raises(UsageError, match=message) as info:
+            load_model(f"{src}:build")
+        assert str(src) in str(info.value)
+
+
+def test_non_finite_weights_are_named(tmp_path):
+    from netanatomy.models import check_finite
+
+    model = load_model("zoo:mlp").module
+    check_finite(model)
+    with torch.no_grad():
+        model.fc3.bias[2] = float("-inf")
+        model.fc4.weight[0, 0] = float("nan")
+    with pytest.raises(UsageError, match=r"fc3.bias holds 1 Inf value \(of 256\)"):
+        check_finite(model, "w.pt")

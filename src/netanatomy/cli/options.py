@@ -8,6 +8,10 @@ from typing import Any
 import click
 
 from ..util.io import dumps
+from .boundary import check_output, load_cli_model, open_cli_data, parse_shape, read_cli_clusters
+
+__all__ = ["check_output", "device_option", "emit", "input_shape_option", "json_option", "load_cli_model",
+           "model_argument", "open_cli_data", "parse_shape", "parse_units", "read_cli_clusters", "seed_option"]
 
 
 def json_option(f: Callable) -> Callable:
@@ -49,33 +53,6 @@ def emit(result: Any, as_json: bool, human: Callable[[Any], str] | str | None = 
 def input_shape_option(f: Callable) -> Callable:
     return click.option("--input-shape", "input_shape", default=None, metavar="C,H,W",
                         help="Input shape when the model does not declare one (e.g. 3,224,224).")(f)
-
-
-def parse_shape(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    try:
-        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a shape like 3,224,224", param_hint="--input-shape") from None
-    if not shape or any(s <= 0 for s in shape):
-        raise click.BadParameter(f"{text!r} is not a shape like 3,224,224", param_hint="--input-shape")
-    return shape
-
-
-def load_cli_model(model: str, weights: str | None, model_args: tuple[str, ...], device: str = "cpu",
-                   input_shape: str | None = None, seed: int = 0):
-    """Load a model as every command does, with --input-shape overriding what the model declares.
-
-    A model without --weights is randomly initialized under `seed`.
-    """
-    from ..models import load_model
-
-    loaded = load_model(model, weights=weights, model_args=model_args, device=device, seed=seed)
-    shape = parse_shape(input_shape)
-    if shape is not None:
-        loaded.input_shape = shape
-    return loaded
 
 
 def parse_units(text: str | None, count: int) -> list[int]:

@@ -9,9 +9,9 @@
 """
 from .dataset import ImageDataset, make_loader
 from .probes import colour_and_grey, gratings, luminance, to_grey
-from .spec import READERS, dataset_help, open_dataset, parse_spec
+from .spec import READERS, dataset_help, open_dataset, parse_spec, with_options
 
 __all__ = [
     "ImageDataset", "READERS", "colour_and_grey", "dataset_help", "gratings", "luminance", "make_loader",
-    "open_dataset", "parse_spec", "to_grey",
+    "open_dataset", "parse_spec", "to_grey", "with_options",
 ]

@@ -1,7 +1,8 @@
 """The one data set type every reader returns, and a seeded loader for it.
 
 Images are stored compactly (uint8, N x C x H x W, in memory or decoded from files on demand)
-and become float32 in [0, 1] only when asked for, one item or one batch at a time. Indexing
+and become float32 in [0, 1] only when asked for, one item or one batch at a time (converted
+to another channel count or resized then, when the spec asks for it). Indexing
 with an int gives one item (x [C, H, W], y); indexing with a list, array, tensor or slice
 gives a whole batch (x [n, C, H, W], y [n]) in one vectorized step, which `make_loader` uses
 so that a loader never stacks items one by one.
@@ -77,7 +78,7 @@ class ImageDataset(Dataset):
                  targets: Sequence[int] | np.ndarray | None = None, *,
                  name: str = "images", split: str = "test", classes: Sequence[str] | None = None,
                  meta: Mapping[str, np.ndarray] | None = None, spec: str | None = None,
-                 channels: str | None = None):
+                 channels: str | None = None, size: tuple[int, int] | None = None):
         if isinstance(images, torch.Tensor):
             images = images.detach().cpu().numpy()
         self.source: ImageSource = ArraySource(images) if isinstance(images, np.ndarray) else images
@@ -99,6 +100,13 @@ class ImageDataset(Dataset):
         if channels == "rgb" and self.source.shape[0] not in (1, 3):
             raise UsageError(f"rgb needs 1 or 3 channels, the images have {self.source.shape[0]}")
         self.channels = channels
+        if size is not None:
+            size = (int(size[0]), int(size[1]))
+            if min(size) < 1:
+                raise UsageError(f"image size must be positive, not {size}")
+            if size == tuple(self.source.shape[1:]):
+                size = None
+        self.size = size
 
     # -- shape and size -------------------------------------------------------------------
     @property
@@ -108,6 +116,8 @@ class ImageDataset(Dataset):
             c = 1
         elif self.channels == "rgb":
             c = 3
+        if self.size is not None:
+            h, w = self.size
         return (c, h, w)
 
     @property
@@ -151,6 +161,10 @@ class ImageDataset(Dataset):
             x = luminance(x)
         elif self.channels == "rgb" and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1).contiguous()
+        if self.size is not None and x.shape[0]:
+            # bilinear with antialiasing: shrinking averages, as a camera would, instead of aliasing
+            x = torch.nn.functional.interpolate(x, size=self.size, mode="bilinear", align_corners=False,
+                                                antialias=True).clamp_(0.0, 1.0)
         return x
 
     def tensors(self, indices: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,12 +189,19 @@ class ImageDataset(Dataset):
         idx = self._index_array(indices)
         return ImageDataset(self.source.take(idx), self.targets[idx], name=self.name, split=self.split,
                             classes=self.classes, meta={k: v[idx] for k, v in self.meta.items()},
-                            spec=self.spec, channels=self.channels)
+                            spec=self.spec, channels=self.channels, size=self.size)
 
     def with_channels(self, channels: str | None) -> ImageDataset:
         """The same items seen through another channel mode (None, 'grey', 'luma', 'rgb')."""
         return ImageDataset(self.source, self.targets, name=self.name, split=self.split, classes=self.classes,
-                            meta=self.meta, spec=self.spec, channels=channels)
+                            meta=self.meta, spec=self.spec, channels=channels, size=self.size)
+
+    def resized(self, size: int | tuple[int, int] | None) -> ImageDataset:
+        """The same items resized to `size` (H, W), or an int for a square (None: as stored)."""
+        if isinstance(size, int):
+            size = (size, size)
+        return ImageDataset(self.source, self.targets, name=self.name, split=self.split, classes=self.classes,
+                            meta=self.meta, spec=self.spec, channels=self.channels, size=size)
 
 
 def _as_is(batch: Any) -> Any:

@@ -4,7 +4,11 @@ Options every data set takes:
 - `shuffle=1`: shuffle (seeded by the `seed` argument and the split) before `limit` applies;
 - `limit=N`: keep the first N items (the smaller of this and the `limit` argument wins);
 - `channels=1|3`: 1 turns RGB into one luma channel, 3 replicates a grey channel into RGB;
-- `grey=1`: replace colour by its luma, keeping the channel count (the grey twin of a set).
+- `grey=1`: replace colour by its luma, keeping the channel count (the grey twin of a set);
+- `size=N`: images N x N (readers that make images, folder, photos and gratings, make them at
+  that size; the others are resized, bilinear with antialiasing, when a batch is read).
+So colour photos become 1-channel 28 px images for a Fashion-MNIST model with
+`photos?channels=1&size=28`; `with_options` writes such a spec.
 Without `shuffle`, `limit` keeps the first N in the reader's own order (class-sorted for
 image folders: add `shuffle=1` there).
 """
@@ -234,7 +238,7 @@ def _read_gratings(spec: Spec, split: str, opts: Options, seed: int) -> ImageDat
     return ds.with_channels("rgb")  # 3 channels unless the spec says channels=1
 
 
-COMMON_OPTIONS = ("shuffle", "limit", "channels", "grey")
+COMMON_OPTIONS = ("shuffle", "limit", "channels", "grey", "size")
 
 
 @dataclass(frozen=True)
@@ -271,7 +275,19 @@ ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "c
 def dataset_help() -> str:
     """One line per data set spec, for CLI help."""
     width = max(len(r.usage) for r in READERS.values())
-    return "\n".join(f"{r.usage:<{width}}  {r.help}" for r in READERS.values())
+    lines = [f"{r.usage:<{width}}  {r.help}" for r in READERS.values()]
+    lines.append("every spec also takes ?shuffle=1&limit=N&channels=1|3&grey=1&size=N (N x N images)")
+    return "\n".join(lines)
+
+
+def with_options(spec: str, **options: object) -> str:
+    """`spec` with `?key=value` options set (replacing those it has), e.g. to say how to ask a
+    data set for the images a model takes: with_options("photos", channels=1, size=28)."""
+    body, _, query = spec.strip().partition("?")
+    pairs = [p for p in query.split("&") if p] if query else []
+    kept = [p for p in pairs if p.partition("=")[0].strip() not in options]
+    kept += [f"{k}={v}" for k, v in options.items()]
+    return body + ("?" + "&".join(kept) if kept else "")
 
 
 def _channel_mode(opts: Options) -> str | None:
@@ -305,6 +321,7 @@ def open_dataset(spec: str, split: str = "test", *, limit: int | None = None, se
     shuffle = opts.flag("shuffle", False)
     spec_limit = opts.integer("limit", None, minimum=1)
     mode = _channel_mode(opts)
+    size = opts.integer("size", None, minimum=1)
     reader_split = "test" if split == "val" and name != "folder" else split
     ds = READERS[name].read(parsed, reader_split, opts, seed)
     if ds.classes is not None and len(ds) and (ds.targets.max() >= len(ds.classes) or ds.targets.min() < -1):
@@ -319,5 +336,7 @@ def open_dataset(spec: str, split: str = "test", *, limit: int | None = None, se
         ds = ds.subset(np.arange(min(limits)))
     if mode is not None:
         ds = ds.with_channels(mode)
+    if size is not None and ds.image_shape[1:] != (size, size):
+        ds = ds.resized(size)
     ds.split = split
     return ds

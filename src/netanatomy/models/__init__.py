@@ -1,11 +1,12 @@
 """Adapters from model sources to analyzable modules: loading, weights, layers and branches."""
 from .source import LoadedModel, add_normalization, load_model, parse_model_args
-from .weights import apply_state_dict, load_weights, read_state_dict, save_state_dict
+from .weights import apply_state_dict, check_finite, load_weights, read_state_dict, save_state_dict
 
 __all__ = [
     "LoadedModel",
     "add_normalization",
     "apply_state_dict",
+    "check_finite",
     "load_model",
     "load_weights",
     "parse_model_args",

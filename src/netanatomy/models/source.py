@@ -8,10 +8,15 @@ given `normalize=`).
 from __future__ import annotations
 
 import ast
+import collections.abc
 import importlib
 import importlib.resources
 import importlib.util
+import inspect
 import sys
+import traceback
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,11 +114,18 @@ def _from_zoo(name: str, kwargs: dict[str, Any]) -> tuple[nn.Module, dict]:
 
     entry = get_entry(name)
     base = get_entry(entry.base) if entry.base else entry
+    kwargs = check_arguments(base.factory, kwargs, f"zoo:{name}")
     merged = {**base.default_kwargs, **entry.default_kwargs, **kwargs}
-    try:
-        module = base.factory(**merged)
-    except TypeError as exc:
-        raise UsageError(f"zoo:{name} does not take these arguments: {exc}") from exc
+    if not kwargs:
+        module = base.factory(**merged)  # our defaults: an exception here is a fault of ours
+    else:
+        try:
+            module = base.factory(**merged)
+        except UsageError:
+            raise
+        except Exception as exc:  # only the user's values differ from a build that works
+            given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+            raise UsageError(f"zoo:{name} cannot be built with {given}: {_exception_text(exc)}") from exc
     info = {"input_shape": entry.input_shape, "num_classes": entry.num_classes, "description": entry.description}
     if entry.weights:
         resource = importlib.resources.files("netanatomy") / "resources" / "models" / entry.weights
@@ -144,8 +156,12 @@ def _from_hub(library: str, name: str, kwargs: dict[str, Any]) -> tuple[nn.Modul
             if name not in known:
                 raise UsageError(f"timm has no model {name!r}{suggest(name, known)}")
             module = lib.create_model(name, pretrained=False, **kwargs)
-    except TypeError as exc:
-        raise UsageError(f"{library}:{name} does not take these arguments: {exc}") from exc
+    except UsageError:
+        raise
+    except Exception as exc:
+        if not kwargs:
+            raise
+        raise UsageError(f"{library}:{name} does not take these arguments: {_exception_text(exc)}") from exc
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if library == "timm":
         cfg = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None) or {}
@@ -164,6 +180,24 @@ def _from_file(source: str, kwargs: dict[str, Any]) -> tuple[nn.Module, dict]:
         raise UsageError(f"model file not found: {path}")
     if not factory_name.isidentifier():
         raise UsageError(f"{factory_name!r} is not a Python function name (in {source})")
+    pymod = _import_user_file(path)
+    factory: Callable | None = getattr(pymod, factory_name, None)
+    if factory is None or not callable(factory):
+        names = [n for n, v in vars(pymod).items() if callable(v) and not n.startswith("_")]
+        raise UsageError(f"{path} has no function {factory_name!r}{suggest(factory_name, names)}")
+    kwargs = check_arguments(factory, kwargs, source)
+    try:
+        module = factory(**kwargs)
+    except Exception as exc:  # the user's code: say so, with the line where it failed
+        raise UsageError(f"{factory_name}() in your model file {path} raised {_exception_text(exc)}"
+                         f"{_user_line(exc, path)}") from exc
+    if not isinstance(module, nn.Module):
+        raise UsageError(f"{source} returned a {type(module).__name__}, not a torch.nn.Module")
+    return module, {}
+
+
+def _import_user_file(path: Path) -> types.ModuleType:
+    """Import a user's model file; whatever fails there is reported as their code, not ours."""
     module_name = f"netanatomy_user_model_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
@@ -173,18 +207,204 @@ def _from_file(source: str, kwargs: dict[str, Any]) -> tuple[nn.Module, dict]:
     try:
         spec.loader.exec_module(pymod)
     except SyntaxError as exc:
-        raise UsageError(f"{path} has a syntax error at line {exc.lineno}: {exc.msg}") from exc
-    factory: Callable | None = getattr(pymod, factory_name, None)
-    if factory is None or not callable(factory):
-        names = [n for n, v in vars(pymod).items() if callable(v) and not n.startswith("_")]
-        raise UsageError(f"{path} has no function {factory_name!r}{suggest(factory_name, names)}")
+        sys.modules.pop(module_name, None)
+        raise UsageError(f"your model file {path} has a syntax error at line {exc.lineno}: {exc.msg}") from exc
+    except Exception as exc:  # ImportError, or any exception raised while the file runs
+        sys.modules.pop(module_name, None)
+        raise UsageError(f"your model file {path} failed to import: {_exception_text(exc)}"
+                         f"{_user_line(exc, path)}") from exc
+    return pymod
+
+
+def _exception_text(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if len(text) > 200:
+        text = text[:197] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _user_line(exc: BaseException, path: Path) -> str:
+    """' at line N': the last line of the user's file in the exception's traceback, or ''."""
+    target = str(path.resolve())
+    lines = [frame.lineno for frame in traceback.extract_tb(exc.__traceback__)
+             if Path(frame.filename).resolve().as_posix() == Path(target).as_posix()]
+    return f" at line {lines[-1]}" if lines else ""
+
+
+# -- model arguments: checked against the factory's signature before it runs ------------------
+
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false (1 or 0)", str: "a string",
+               tuple: "a tuple like (1, 2)", list: "a list like [1, 2]", dict: "a dict like {'a': 1}"}
+_TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
+
+
+def _signature_of(func: Callable) -> tuple[inspect.Signature, dict[str, Any]] | None:
+    """The signature and type hints that `func`'s keyword arguments answer to.
+
+    A factory that only passes **kwargs on to the class it returns (`def mlp(**kw) -> MLP`)
+    answers to that class's __init__.
+    """
     try:
-        module = factory(**kwargs)
-    except TypeError as exc:
-        raise UsageError(f"{source} does not take these arguments: {exc}") from exc
-    if not isinstance(module, nn.Module):
-        raise UsageError(f"{source} returned a {type(module).__name__}, not a torch.nn.Module")
-    return module, {}
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+    target: Any = func
+    if all(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in sig.parameters.values()) and sig.parameters:
+        ret = _hints(func).get("return")
+        if isinstance(ret, type):
+            try:
+                sig, target = inspect.signature(ret), ret.__init__
+            except (TypeError, ValueError):
+                return None
+    return sig, _hints(target)
+
+
+def _hints(func: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(func)
+    except Exception:  # an annotation that does not resolve: check nothing against it
+        return {}
+
+
+def check_arguments(func: Callable, kwargs: dict[str, Any], what: str) -> dict[str, Any]:
+    """`kwargs` checked against `func`'s parameters and their types, with bool words converted.
+
+    A name the function does not take, or a value of the wrong type (width=abc for an int),
+    is the user's input, named in one UsageError before any user code runs.
+    """
+    if not kwargs:
+        return kwargs
+    found = _signature_of(func)
+    if found is None:
+        return kwargs
+    sig, hints = found
+    params = sig.parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    out = {}
+    for key, value in kwargs.items():
+        param = params.get(key)
+        if param is None or param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+            if takes_any:
+                out[key] = value
+                continue
+            raise UsageError(f"{what} takes no argument {key!r}{suggest(key, named)}; "
+                             f"it takes: {', '.join(named) or 'none'}")
+        expected = hints.get(key, inspect.Parameter.empty)
+        if expected is inspect.Parameter.empty and param.default is not inspect.Parameter.empty:
+            expected = _from_default(param.default)
+        if expected is inspect.Parameter.empty:
+            out[key] = value
+            continue
+        ok, converted = _fit(value, expected)
+        if not ok:
+            raise UsageError(f"--model-arg {key}={_show(value)}: {what} expects {_describe(expected)} "
+                             f"for {key}, not {type(value).__name__} {_show(value)}")
+        out[key] = converted
+    return out
+
+
+def _from_default(default: Any) -> Any:
+    """A loose type for an unannotated parameter, from its default: numbers stay numbers (an int
+    default may be given 0.5), None is always allowed, and anything else is not checked."""
+    if isinstance(default, bool):
+        return bool | None
+    if isinstance(default, (int, float)):
+        return float | None
+    if isinstance(default, str):
+        return str | None
+    if isinstance(default, (tuple, list)):
+        return tuple | list | None
+    return inspect.Parameter.empty
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fit(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(does `value` fit the annotation `tp`, the value to pass); unknown annotations fit anything."""
+    if tp is Any or tp is inspect.Parameter.empty:
+        return True, value
+    if tp is None or tp is type(None):
+        return value is None, value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        # exact matches first, so that 1 stays an int in int | bool
+        for member in args:
+            if _exact(value, member):
+                return True, value
+        for member in args:
+            ok, converted = _fit(value, member)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is typing.Literal:
+        return value in args, value
+    if tp is bool:
+        if isinstance(value, bool):
+            return True, value
+        if isinstance(value, int) and value in (0, 1):
+            return True, bool(value)
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return True, value.lower() in _TRUE
+        return False, value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), value
+    if tp is str:
+        if isinstance(value, str):
+            return True, value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value)  # variant=5 parses as a number
+        return False, value
+    container = origin or tp
+    if container in (tuple, list, collections.abc.Sequence, collections.abc.Iterable,
+                     collections.abc.Collection, typing.Sequence):
+        if isinstance(value, str) or not isinstance(value, (tuple, list)):
+            return False, value
+        if container is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(args) != len(value):
+                return False, value
+            return all(_fit(v, a)[0] for v, a in zip(value, args)), value
+        item = args[0] if args else Any
+        return all(_fit(v, item)[0] for v in value), value
+    if container in (dict, collections.abc.Mapping, typing.Mapping):
+        return isinstance(value, dict), value
+    if isinstance(tp, type) and tp in _TYPE_NAMES:
+        return isinstance(value, tp), value
+    return True, value  # a class, a callable, a protocol: nothing a command line can check
+
+
+def _exact(value: Any, tp: Any) -> bool:
+    if tp is None or tp is type(None):
+        return value is None
+    return isinstance(tp, type) and tp in _TYPE_NAMES and type(value) is tp
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        parts = [_describe(a) for a in args if a is not type(None)]
+        text = " or ".join(dict.fromkeys(parts))
+        return text + (" (or None)" if type(None) in args else "")
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if tp in _TYPE_NAMES:
+        return _TYPE_NAMES[tp]
+    container = origin or tp
+    if container in (tuple, list, collections.abc.Sequence, collections.abc.Iterable, collections.abc.Collection):
+        item = args[0] if args else None
+        return "a tuple like (1, 2)" if item is None else f"a tuple of {_plural(item)} like (1, 2)"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _plural(tp: Any) -> str:
+    return {int: "integers", float: "numbers", str: "strings", bool: "booleans"}.get(tp, _describe(tp))
 
 
 def load_model(source: str, *, weights: str | None = None, model_args: Sequence[str] | Mapping[str, Any] | None = None,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -49,21 +51,23 @@ def _read_safetensors(path: Path) -> dict:
 
 def _read_torch(path: Path) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's loading warnings are not the user's business
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        text = str(exc)
-        glob = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), None)
+        text = " ".join(str(exc).split())
+        glob = re.search(r"GLOBAL ([\w.]+)", text)
         if glob is not None:
             raise UsageError(
-                f"refused to load {path}: it holds Python objects that would run code when unpickled "
-                f"(only tensors and plain containers are allowed: {glob.rstrip('.')})"
+                f"refused to load {path}: it is a pickle of Python objects ({glob.group(1)}) that would run code when "
+                f"loaded, not a plain state dict; save model.state_dict() instead, or use .safetensors"
             ) from exc
-        detail = next((line.strip() for line in text.splitlines()
-                       if line.strip() and "Weights only" not in line and "issue" not in line
-                       and "documentation" not in line and "WeightsUnpickler" not in line), type(exc).__name__)
-        raise UsageError(f"{path} is not a readable PyTorch state dict ({detail})") from exc
+        detail = text.split("WeightsUnpickler error:")[-1].split(" Check the documentation")[0].strip()
+        raise UsageError(f"{path} is not a readable PyTorch state dict ({detail[:160] or type(exc).__name__})") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as exc:
-        raise UsageError(f"{path} is not a readable PyTorch state dict: {' '.join(str(exc).split())[:200]}") from exc
+        detail = " ".join(str(exc).split())[:200] or ("the file is empty" if path.stat().st_size == 0
+                                                     else type(exc).__name__)
+        raise UsageError(f"{path} is not a readable PyTorch state dict: {detail}") from exc
 
 
 def _unwrap(state: object, path: Path) -> dict[str, torch.Tensor]:
@@ -133,6 +137,25 @@ def load_weights(module: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Read `path` safely and load it strictly into `module`."""
     apply_state_dict(module, read_state_dict(path), source=str(path))
     return module
+
+
+def check_finite(tensors: nn.Module | Mapping[str, torch.Tensor], source: str = "the model") -> None:
+    """Refuse NaN or Inf in a module's parameters and buffers (or a state dict), naming the first.
+
+    Every method assumes finite weights; one NaN spreads through sums and SVDs and comes out as
+    an error far from its cause, or as numbers that look like results.
+    """
+    state = tensors.state_dict(keep_vars=False) if isinstance(tensors, nn.Module) else tensors
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or value.is_complex()):
+            continue
+        finite = torch.isfinite(value)
+        if bool(finite.all()):
+            continue
+        bad = int((~finite).sum())
+        kinds = [k for k, n in (("NaN", int(torch.isnan(value).sum())), ("Inf", int(torch.isinf(value).sum()))) if n]
+        raise UsageError(f"{source} has non-finite weights: {name} holds {bad} {' and '.join(kinds)} value"
+                         f"{'s' if bad != 1 else ''} (of {value.numel()}); every method needs finite weights")
 
 
 def save_state_dict(module_or_state: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:

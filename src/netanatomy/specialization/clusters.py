@@ -75,9 +75,7 @@ def cluster_model(model: nn.Module, layer_map: LayerMap, *, graph: str = "weight
         return ModelClusters(graph, extracted.network.graph(), result)
     if data is None:
         raise UsageError("the activation graph needs data (--data)")
-    names = list(layers) if layers else list(lesionable_layers(layer_map))
-    if not names:
-        raise UsageError("the model has no hidden conv or linear layers to correlate")
+    names = activation_layers(layer_map, layers)
 
     def graph_of(m: nn.Module) -> NeuronGraph:
         values, _ = activation_values(m, names, data, max_examples=max_examples, seed=seed, device=device,
@@ -92,6 +90,24 @@ def cluster_model(model: nn.Module, layer_map: LayerMap, *, graph: str = "weight
     result = clusterability(true_graph, k, n_shuffles=n_shuffles, method=method, seed=seed, n_init=n_init,
                             make_shuffled=make_shuffled, done=done, on_result=on_result)
     return ModelClusters(graph, true_graph, result)
+
+
+def activation_layers(layer_map: LayerMap, layers: Sequence[str] | None = None) -> list[str]:
+    """The layers of an activation graph: those asked for, or every hidden conv/linear layer."""
+    names = list(layers) if layers else list(lesionable_layers(layer_map))
+    if not names:
+        raise UsageError("the model has no hidden conv or linear layers to correlate")
+    return names
+
+
+def activation_graph_bytes(units: int, examples: int) -> int:
+    """About the most memory (bytes) that clustering an activation graph of `units` units over
+    `examples` examples holds at once: the float64 values and their ranks (~9 n m doubles), the
+    dense Spearman^2 matrix and its temporaries, then the spectral step (~9 m^2 doubles, with
+    the true graph kept while a shuffled one is built). Measured with tracemalloc on random
+    values; an upper estimate, so that a refusal is never the first sign of trouble."""
+    m, n = int(units), int(examples)
+    return 8 * (9 * m * m + 9 * n * m)
 
 
 def shuffled_model(model: nn.Module, method: str, seed: int) -> nn.Module:

@@ -35,9 +35,49 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
 
 
 def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
+    """The process umask, read without changing it (os.umask can only set it, and setting it
+    to read it races with every other thread creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def check_writable(path: str | os.PathLike, *, folder: bool = False, what: str = "--out") -> Path:
+    """Refuse, before any work, an output path that cannot be written, creating nothing.
+
+    `path` is a file (written atomically: a temporary file beside it, then a rename) or, with
+    `folder=True`, a folder to write files into. Its nearest existing ancestor must be a folder
+    in which a file can be made; that is tried (a probe file, removed at once), because
+    permission bits say nothing to root and nothing about read-only mounts or /proc.
+    """
+    from ..errors import UsageError
+
+    p = Path(path).expanduser()
+    if folder and p.exists() and not p.is_dir():
+        raise UsageError(f"cannot write {what} {p}: it is a file, not a folder")
+    if not folder and p.is_dir():
+        raise UsageError(f"cannot write {what} {p}: it is a folder, not a file")
+    if not folder and not p.name:
+        raise UsageError(f"cannot write {what} {str(path)!r}: it names no file")
+    start = p if folder else p.parent
+    ancestor = start.absolute()
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"cannot write {what} {p}: {ancestor} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".netanatomy-write-check-", dir=ancestor)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UsageError(f"cannot write {what} {p}: {ancestor} is not a writable folder ({reason})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return p
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -6,7 +6,17 @@ from pathlib import Path
 
 import click
 
-from ..options import device_option, emit, input_shape_option, json_option, load_cli_model, model_argument, seed_option
+from ..options import (
+    check_output,
+    device_option,
+    emit,
+    input_shape_option,
+    json_option,
+    load_cli_model,
+    model_argument,
+    open_cli_data,
+    seed_option,
+)
 
 
 @click.command("clusters")
@@ -34,20 +44,29 @@ def command(model, weights, model_args, input_shape, graph_kind, data, k, shuffl
             layers, out, restart, seed, device, as_json) -> None:
     """Cluster MODEL's units (spectral clustering of a neuron graph) and test clusterability:
     the n-cut against networks with each layer's weights shuffled (p and z)."""
-    from ...data import open_dataset
     from ...errors import UsageError
     from ...models.layers import discover_layers
-    from ...specialization.clusters import cluster_model
+    from ...specialization.clusters import activation_graph_bytes, activation_layers, cluster_model
     from ...util.io import write_json
     from ...util.progress import progress
+    from ..boundary import check_memory
 
     if graph_kind == "activations" and not data:
         raise UsageError("--graph activations needs --data")
+    if graph_kind == "weights" and layers:
+        raise UsageError("--layers is for --graph activations; the weight graph takes every layer")
+    check_output(out)
 
     loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
+    dataset = open_cli_data(data, "test", loaded, seed=seed) if graph_kind == "activations" else None
     layer_map = discover_layers(loaded.module, loaded.input_shape)
-    dataset = open_dataset(data, "test", seed=seed) if data else None
     layer_names = [layer_map.resolve(n).name for n in layers.split(",") if n.strip()] if layers else None
+    if dataset is not None:
+        names = activation_layers(layer_map, layer_names)
+        units = sum(layer_map.resolve(n).units for n in names)
+        check_memory(activation_graph_bytes(units, min(examples, len(dataset))),
+                     f"the activation graph of {units} units over {min(examples, len(dataset))} examples",
+                     "choose fewer layers with --layers A,B or fewer examples with --examples N")
 
     config = {"model": model, "weights": weights, "model_args": list(model_args), "graph": graph_kind, "data": data,
               "k": k, "method": shuffle_method, "seed": seed, "n_init": n_init, "examples": examples,
@@ -69,7 +88,15 @@ def command(model, weights, model_args, input_shape, graph_kind, data, k, shuffl
                                max_examples=examples, device=device, done=done, on_result=on_result)
     finally:
         bar.close()
-    doc = {**result.to_json(), "model": loaded.source, "seed": seed, "n_init": n_init}
+    widths = {}
+    for name in result.graph.layers:
+        try:
+            widths[name] = layer_map.resolve(name).units
+        except UsageError:  # the weight graph's "input"
+            pass
+    # the model, its arguments and its layer widths: `importance` and `coherence` check them
+    doc = {**result.to_json(), "model": loaded.source, "model_args": list(model_args), "weights": loaded.weights,
+           "widths": widths, "seed": seed, "n_init": n_init}
     if out:
         write_json(out, doc)
         if sidecar is not None:

@@ -3,7 +3,18 @@ from __future__ import annotations
 
 import click
 
-from ..options import device_option, emit, input_shape_option, json_option, load_cli_model, model_argument, seed_option
+from ..options import (
+    check_output,
+    device_option,
+    emit,
+    input_shape_option,
+    json_option,
+    load_cli_model,
+    model_argument,
+    open_cli_data,
+    read_cli_clusters,
+    seed_option,
+)
 
 
 @click.command("coherence")
@@ -30,13 +41,11 @@ def command(model, weights, model_args, input_shape, clusters_file, data, n_rand
     """Score each sub-cluster's coherence against R random same-size sets of its layer: label
     entropy of its top inputs, correlation of its units, and (--kind visualization) the
     network's prediction entropy on its feature visualization and the objective reached."""
-    from ...data import open_dataset
     from ...errors import UsageError
     from ...models.layers import discover_layers
     from ...specialization.coherence import KINDS, coherence, unit_scales
     from ...specialization.extract import activation_values
     from ...specialization.importance import lesionable_layers
-    from ...specialization.subclusters import read_clusters
     from ...util.io import write_json
 
     kind_list = [k.strip() for k in kinds.split(",") if k.strip()]
@@ -45,13 +54,13 @@ def command(model, weights, model_args, input_shape, clusters_file, data, n_rand
     if unknown or not kind_list:
         raise UsageError(f"unknown coherence kind {unknown[0] if unknown else kinds!r}; use "
                          f"{', '.join(KINDS)} or all")
-    clusters = read_clusters(clusters_file)
-
+    check_output(out)
     loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
+    ds = open_cli_data(data, "test", loaded, limit=limit, seed=seed, labels=True)
     layer_map = discover_layers(loaded.module, loaded.input_shape)
+    clusters = read_cli_clusters(clusters_file, loaded, layer_map)
     layers = [name for name in lesionable_layers(layer_map)
               if any(layer == name for c in clusters for layer, _ in c.units)]
-    ds = open_dataset(data, "test", limit=limit, seed=seed)
     values, labels = activation_values(loaded.module, layers, ds, max_examples=None, seed=seed, device=device,
                                        input_shape=loaded.input_shape) if layers else ({}, None)
     scales = unit_scales(loaded.module, layers, ds, max_examples=None, seed=seed, device=device,

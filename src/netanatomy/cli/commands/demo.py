@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..options import emit, json_option, seed_option
+from ..options import check_output, emit, json_option, seed_option
 
 
 @click.command("demo")
@@ -19,6 +19,7 @@ def command(out: str, steps: int, shuffles: int, seed: int, as_json: bool) -> No
     """Run netanatomy's analyses on the bundled models and Fashion-MNIST sample and report."""
     from ...demo import render_markdown, run_demo
 
+    check_output(out, folder=True)
     summary = run_demo(out, seed=seed, steps=steps, shuffles=shuffles,
                        log=lambda line: click.echo(line, err=True))
     emit(summary, as_json, lambda s: render_markdown(s) + f"\nwritten to {out}/ (summary.json, summary.md, PNGs)")

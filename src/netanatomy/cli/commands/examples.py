@@ -6,12 +6,14 @@ import time
 import click
 
 from ..options import (
+    check_output,
     device_option,
     emit,
     input_shape_option,
     json_option,
     load_cli_model,
     model_argument,
+    open_cli_data,
     parse_units,
     seed_option,
 )
@@ -46,14 +48,13 @@ def command(model, weights, model_args, input_shape, layer, data, split, units, 
     from ...util.io import save_png, write_json
     from ...visualize.examples import dataset_examples, examples_sheet
 
+    check_output(out, folder=True)
     loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
     module = loaded.module
+    dataset = open_cli_data(data, split, loaded, limit=limit, seed=seed)
     layer_map = discover_layers(module, loaded.input_shape)
     resolved = layer_map.resolve(layer)
     unit_list = parse_units(units, resolved.units)
-    from ...data import open_dataset
-
-    dataset = open_dataset(data, split, limit=limit, seed=seed)
     classes = list(getattr(dataset, "classes", None) or []) or None
     started = time.perf_counter()
     found = dataset_examples(module, resolved.name, dataset, units=unit_list, top_k=top_k, rank=rank, crop=crop,

@@ -3,7 +3,16 @@ from __future__ import annotations
 
 import click
 
-from ..options import device_option, emit, input_shape_option, json_option, load_cli_model, model_argument, seed_option
+from ..options import (
+    check_output,
+    device_option,
+    emit,
+    input_shape_option,
+    json_option,
+    load_cli_model,
+    model_argument,
+    seed_option,
+)
 
 
 def _human(r: dict) -> str:
@@ -46,6 +55,7 @@ def command(model, weights, model_args, input_shape, lower, upper, top, chunk, o
     from ...util.io import save_png, write_bytes, write_json
     from .weights import file_stem
 
+    check_output(out, folder=True)
     loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
     layer_map = discover_layers(loaded.module, loaded.input_shape)
     res = expanded_weights(loaded.module, layer_map, lower, upper, chunk=chunk)

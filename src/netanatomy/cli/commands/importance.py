@@ -3,7 +3,18 @@ from __future__ import annotations
 
 import click
 
-from ..options import device_option, emit, input_shape_option, json_option, load_cli_model, model_argument, seed_option
+from ..options import (
+    check_output,
+    device_option,
+    emit,
+    input_shape_option,
+    json_option,
+    load_cli_model,
+    model_argument,
+    open_cli_data,
+    read_cli_clusters,
+    seed_option,
+)
 
 
 @click.command("importance")
@@ -25,18 +36,16 @@ def command(model, weights, model_args, input_shape, clusters_file, data, n_rand
             seed, device, as_json) -> None:
     """Silence each sub-cluster (a cluster's units in one layer) and R random same-size sets of its
     layer; report the accuracy drop, class specificity and effect factor with p, q and Fisher."""
-    from ...data import open_dataset
     from ...models.layers import discover_layers
     from ...specialization.importance import importance
-    from ...specialization.subclusters import read_clusters
     from ...util.io import write_json
     from ...util.progress import progress
 
-    clusters = read_clusters(clusters_file)
-
+    check_output(out)
     loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
+    ds = open_cli_data(data, "test", loaded, limit=limit, seed=seed, labels=True)
     layer_map = discover_layers(loaded.module, loaded.input_shape)
-    ds = open_dataset(data, "test", limit=limit, seed=seed)
+    clusters = read_cli_clusters(clusters_file, loaded, layer_map)
     x, y = ds.tensors()
     bar = progress(desc="lesions", unit="layer")
     try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from ..options import device_option, emit, json_option
+from ..options import check_output, device_option, emit, json_option, load_cli_model, open_cli_data
 
 
 @click.group("lab")
@@ -59,6 +59,11 @@ def specialization(out, seeds, epochs, k, shuffles, n_random, steps, data, quick
     from ...labs.specialization import FULL, QUICK, run_specialization, with_overrides
     from ...util.progress import enabled
 
+    check_output(out, folder=True)
+    if data is not None:  # the lab's own model must take the data it is given
+        from ...labs.specialization import MODEL
+
+        open_cli_data(data, "test", load_cli_model(MODEL, None, (), device), labels=True, shape_option=False)
     settings = with_overrides(QUICK if quick else FULL, seeds=parse_seeds(seeds) if seeds is not None else None,
                               epochs=epochs, k=k, shuffles=shuffles, n_random=n_random, steps=steps, data=data)
 

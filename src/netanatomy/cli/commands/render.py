@@ -7,6 +7,7 @@ import time
 import click
 
 from ..options import (
+    check_output,
     device_option,
     emit,
     input_shape_option,
@@ -63,6 +64,7 @@ def command(model, weights, model_args, input_shape, layer, units, objectives, s
         raise UsageError("say what to render: --layer LAYER [--units LIST] or --objective LAYER:UNIT")
     if objectives and (layer or units):
         raise UsageError("use either --objective or --layer/--units, not both")
+    check_output(out, folder=True)
     loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
     module = loaded.module
     layer_map = discover_layers(module, loaded.input_shape)

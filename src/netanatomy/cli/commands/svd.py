@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ..options import device_option, emit, input_shape_option, json_option, load_cli_model, model_argument
+from ..options import check_output, device_option, emit, input_shape_option, json_option, load_cli_model, model_argument
 
 
 def _human(r: dict) -> str:
@@ -52,6 +52,7 @@ def command(model, weights, model_args, input_shape, layer, lower, center, compo
     from ...util.io import save_figure, write_json
     from .weights import file_stem
 
+    check_output(out, folder=True)
     loaded = load_cli_model(model, weights, model_args, device, input_shape)
     layer_map = discover_layers(loaded.module, loaded.input_shape)
     report = layer_svd(loaded.module, layer_map, layer, lower, center=center, fold_bn=fold_bn)

@@ -6,7 +6,16 @@ import sys
 
 import click
 
-from ..options import device_option, emit, json_option, load_cli_model, model_argument, seed_option
+from ..options import (
+    check_output,
+    device_option,
+    emit,
+    json_option,
+    load_cli_model,
+    model_argument,
+    open_cli_data,
+    seed_option,
+)
 
 
 @click.command("train")
@@ -34,12 +43,17 @@ def command(model, weights, model_args, data, test_data, epochs, out, optimizer,
     """Train MODEL on DATA, writing OUT after every epoch and resuming from it when re-run."""
     from pathlib import Path
 
-    from ...data import open_dataset
     from ...training import TrainConfig, train
 
+    if lr is not None and not lr > 0:  # NaN too
+        raise click.BadParameter(f"{lr} is not > 0", param_hint="--lr")
+    if weight_decay is not None and not weight_decay >= 0:
+        raise click.BadParameter(f"{weight_decay} is not >= 0", param_hint="--weight-decay")
+    check_output(out)
     loaded = load_cli_model(model, weights, model_args, device, None, seed=seed)
-    train_ds = open_dataset(data, "train", limit=limit, seed=seed)
-    test_ds = open_dataset(test_data or data, "test", seed=seed)
+    train_ds = open_cli_data(data, "train", loaded, limit=limit, seed=seed, labels=True, shape_option=False)
+    test_ds = open_cli_data(test_data or data, "test", loaded, seed=seed,
+                            option="--test-data" if test_data else "--data", labels=True, shape_option=False)
     if restart:
         Path(out + ".resume.pt").unlink(missing_ok=True)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, weight_decay=weight_decay,

@@ -5,7 +5,16 @@ import re
 
 import click
 
-from ..options import device_option, emit, input_shape_option, json_option, load_cli_model, model_argument, seed_option
+from ..options import (
+    check_output,
+    device_option,
+    emit,
+    input_shape_option,
+    json_option,
+    load_cli_model,
+    model_argument,
+    seed_option,
+)
 
 
 def file_stem(name: str) -> str:
@@ -35,6 +44,7 @@ def command(model, weights, model_args, input_shape, layer, out, mode, scale, fo
     from ...models.layers import discover_layers
     from ...util.io import save_png, write_json
 
+    check_output(out, folder=True)
     loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
     layer_map = discover_layers(loaded.module, loaded.input_shape)
     lw = layer_weights(loaded.module, layer_map, layer, fold_bn=fold_bn)
