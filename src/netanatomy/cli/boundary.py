@@ -187,14 +187,12 @@ def read_cli_clusters(path: str, loaded, layer_map) -> list:
     widths = doc.get("widths") if isinstance(doc, dict) else None
     if not isinstance(widths, dict):  # older files: the weight graph's layer sizes are the widths
         widths = doc.get("layers") if isinstance(doc, dict) and doc.get("graph") == "weights" else None
-    recorded = {str(k): v for k, v in (widths or {}).items() if k != "input"}
+    recorded = {str(k): v for k, v in (widths or {}).items() if k != "input"}  # the weight graph's input
     for c in clusters:
         for layer, _ in c.units:
             recorded.setdefault(layer, None)
     differ = []
     for layer, width in recorded.items():
-        if layer == "input":
-            continue
         try:
             units = layer_map.resolve(layer).units
         except UsageError:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import click
 
-from ..options import check_output, device_option, emit, json_option, load_cli_model, open_cli_data
+from ..boundary import check_data_fits
+from ..options import check_output, device_option, emit, json_option, load_cli_model
 
 
 @click.group("lab")
@@ -61,9 +62,16 @@ def specialization(out, seeds, epochs, k, shuffles, n_random, steps, data, quick
 
     check_output(out, folder=True)
     if data is not None:  # the lab's own model must take the data it is given
+        from ...data import open_dataset
+        from ...errors import UsageError
         from ...labs.specialization import MODEL
 
-        open_cli_data(data, "test", load_cli_model(MODEL, None, (), device), labels=True, shape_option=False)
+        try:
+            ds = open_dataset(data, "test")
+        except UsageError:  # missing files: the lab says so itself (and --quick falls back to bundled)
+            ds = None
+        if ds is not None:
+            check_data_fits(ds, load_cli_model(MODEL, None, (), device), data, labels=True, shape_option=False)
     settings = with_overrides(QUICK if quick else FULL, seeds=parse_seeds(seeds) if seeds is not None else None,
                               epochs=epochs, k=k, shuffles=shuffles, n_random=n_random, steps=steps, data=data)
 
