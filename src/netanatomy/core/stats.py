@@ -1,8 +1,8 @@
 """Statistics that say whether a pattern could be chance.
 
-- Branch statistics: hypergeometric upper tail (exact integer arithmetic, so the far tail of
-  the Branch Specialization article, 1e-23 and below, is exact and never underflows to 0 in
-  log space), Fisher's exact test per branch x category, Benjamini-Hochberg across pairs.
+- Branch statistics: hypergeometric upper tail (SciPy's survival function where it is accurate,
+  a log-space sum of the tail terms below 1e-300, so a far tail never underflows to 0 in log
+  space), Fisher's exact test per branch x category, Benjamini-Hochberg across pairs.
 - Null-distribution tests: percentile p-values with the +1 rule ((#{null as extreme} + 1) /
   (n + 1), never 0, valid for a finite null sample), z-scores, Fisher's method.
 - Label entropy of a set of examples (dataset-based coherence).
@@ -18,8 +18,13 @@ from scipy import stats as sps
 
 from ..errors import UsageError
 
-# Above this population size the exact sums get slow; SciPy's log tail is used instead.
-_EXACT_MAX_POPULATION = 20000
+# SciPy's `hypergeom.sf` (Boost) agrees with exact rational sums to ~1e-12 relative wherever its
+# value is a normal float; below this it loses digits (subnormals) or underflows to 0, and the
+# tail is summed here in log space instead.
+_SCIPY_SF_FLOOR = 1e-300
+# Up to this population the leading term of our own tail sum is exact (`math.comb`, a few ms);
+# above it, `math.lgamma` (absolute error ~1e-16 * N log N in log p).
+_EXACT_COMB_MAX = 10000
 
 
 # ---------------------------------------------------------------------------------------------
@@ -36,12 +41,39 @@ def _check_hypergeom(x: int, population: int, category: int, branch: int) -> Non
         raise UsageError(f"observed count must be >= 0, got {x}")
 
 
+def _log_comb(n: int, k: int) -> float:
+    if n <= _EXACT_COMB_MAX:
+        return math.log(math.comb(n, k))
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+def _log_tail_sum(lo: int, hi: int, population: int, category: int, branch: int) -> float:
+    """log sum_{i=lo..hi} P(X = i): the first term in closed form, the rest by the pmf ratio
+    P(i+1)/P(i) = (K-i)(n-i) / ((i+1)(N-K-n+i+1)), summed relative to the first term (rescaled
+    so it never overflows) until the terms no longer change the sum. O(terms), all floats."""
+    bad = population - category
+    log_scale = _log_comb(category, lo) + _log_comb(bad, branch - lo) - _log_comb(population, branch)
+    total = term = 1.0
+    for i in range(lo, hi):
+        term *= (category - i) * (branch - i) / ((i + 1) * (bad - branch + i + 1))
+        total += term
+        if total > 1e250:
+            log_scale += math.log(total)
+            term /= total
+            total = 1.0
+        elif term < 1e-17 * total:
+            break
+    return log_scale + math.log(total)
+
+
 def hypergeom_log_tail(x: int, population: int, category: int, branch: int) -> float:
     """log P(X >= x) for X ~ Hypergeometric: `branch` units drawn from `population`, of which
     `category` belong to the category.
 
     The chance that a branch of `branch` units out of `population` holds `x` or more of the
-    `category` units of a category, in log space so that it never underflows.
+    `category` units of a category, in log space so that it never underflows. SciPy's
+    `hypergeom.sf` where it is a normal float above 1e-300 (relative error ~1e-12); below that,
+    our own log-space sum of the tail terms, which stays accurate to any depth.
     """
     x, population, category, branch = int(x), int(population), int(category), int(branch)
     _check_hypergeom(x, population, category, branch)
@@ -51,10 +83,10 @@ def hypergeom_log_tail(x: int, population: int, category: int, branch: int) -> f
         return -math.inf
     if x <= max(0, branch - (population - category)):
         return 0.0
-    if population <= _EXACT_MAX_POPULATION:
-        numerator = sum(math.comb(category, i) * math.comb(population - category, branch - i) for i in range(lo, hi + 1))
-        return math.log(numerator) - math.log(math.comb(population, branch))
-    return float(sps.hypergeom.logsf(x - 1, population, category, branch))
+    sf = float(sps.hypergeom.sf(x - 1, population, category, branch))
+    if sf >= _SCIPY_SF_FLOOR:
+        return math.log(min(sf, 1.0))
+    return _log_tail_sum(lo, hi, population, category, branch)
 
 
 def hypergeom_tail(x: int, population: int, category: int, branch: int) -> float:
