@@ -127,3 +127,13 @@ def test_3x3_kernels_turn_on_their_ring_and_random_ones_form_no_family():
     assert torch.equal(ring_rotate_3x3(vline, 1), torch.eye(3))           # | turned 45 degrees CCW is \
     g = torch.Generator().manual_seed(5)
     assert rotation_families(torch.randn(24, 3, 3, 3, generator=g, dtype=torch.float64)) == []
+
+
+def test_direct_svd_behind_a_depthwise_layer_describes_the_stem_filters():
+    model = _mobile_like()
+    layers = discover_layers(model, (3, 16, 16))
+    report = layer_svd(model, layers, "4")                 # the pointwise conv reads the depthwise layer
+    assert report.lower == "2" and "depthwise" in report.note
+    assert report.filters is not None and tuple(report.filters.shape) == (8, 3, 3, 3)
+    assert torch.equal(report.filters, model[0].weight.detach())
+    assert set(report.correlations) == {"vector_0", "vector_1"}

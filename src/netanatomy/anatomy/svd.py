@@ -84,8 +84,17 @@ def layer_svd(module: nn.Module, layer_map: LayerMap, upper: str, lower: str | N
     res = abs_svd(weights, center=center)
     filters, properties, correlations = None, {}, {}
     low = layer_map.resolve(low_name)
-    if low.kind == "conv" and feeding_layer(module, layer_map, low) == INPUT:
-        lower_w = layer_weights(module, layer_map, low, dense_groups=True).weights
+    first = low
+    if low.depthwise:
+        # a depthwise layer's units are its input's channels one to one (each filters one):
+        # when that input is a first layer, its filters describe the lower units
+        below = feeding_layer(module, layer_map, low)
+        if below not in (None, INPUT) and layer_map.resolve(below).units == low.units:
+            first = layer_map.resolve(below)
+            note = (note + "; " if note else "") + (
+                f"{low.name} is depthwise: its units are {first.name}'s channels, described by {first.name}'s filters")
+    if first.kind == "conv" and feeding_layer(module, layer_map, first) == INPUT:
+        lower_w = layer_weights(module, layer_map, first, dense_groups=True).weights
         if lower_w.shape[0] == weights.shape[1]:
             filters = lower_w
             properties = {"frequency": spatial_frequency(filters)}
@@ -93,7 +102,7 @@ def layer_svd(module: nn.Module, layer_map: LayerMap, upper: str, lower: str | N
                 properties = {"colourfulness": colourfulness(filters), **properties}
             else:
                 note = (note + "; " if note else "") + (
-                    f"colour does not apply: {low.name} reads {filters.shape[1]}-channel images")
+                    f"colour does not apply: {first.name} reads {filters.shape[1]}-channel images")
             correlations = correlate_components(res.lower, properties)
     if weights.shape[1] != low.units:
         note = (note + "; " if note else "") + f"{up.name} reads {weights.shape[1]} channels, {low.name} has {low.units} units"
