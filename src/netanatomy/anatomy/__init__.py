@@ -7,6 +7,7 @@ model-level pictures, banding, SVD and rotation families.
 from .banding import model_banding
 from .equivariance import layer_rotation_families
 from .expanded import ExpandedWeights, Linearized, expanded_weights, top_connections
+from .family_plots import family_figure
 from .graph import INPUT, feeding_layer, linear_input_map
 from .pictures import LayerPictures, layer_pictures
 from .svd import SVDReport, layer_svd
@@ -20,6 +21,7 @@ __all__ = [
     "Linearized",
     "SVDReport",
     "expanded_weights",
+    "family_figure",
     "feeding_layer",
     "fold_batchnorm",
     "layer_pictures",
