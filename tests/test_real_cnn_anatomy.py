@@ -137,3 +137,28 @@ def test_direct_svd_behind_a_depthwise_layer_describes_the_stem_filters():
     assert report.filters is not None and tuple(report.filters.shape) == (8, 3, 3, 3)
     assert torch.equal(report.filters, model[0].weight.detach())
     assert set(report.correlations) == {"vector_0", "vector_1"}
+
+
+def test_rotation_families_of_a_depthwise_layer_follow_its_channels():
+    """Stem units 0-3: an edge at four quarter turns; depthwise units 0 and 1 filter them with a
+    kernel and its quarter turn, so they are one family at 90 degrees."""
+    from netanatomy.anatomy import layer_rotation_families
+
+    model = _mobile_like()
+    edge = torch.tensor([[-1.0, 0.0, 1.0], [-1.0, 0.0, 1.0], [-1.0, 0.5, 1.0]])
+    kernel = torch.tensor([[0.0, 1.0, 0.0], [0.0, 2.0, 0.0], [0.3, 1.0, 0.0]])
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(8, 3, 3, 3, generator=g))
+        model[2].weight.copy_(torch.randn(8, 1, 3, 3, generator=g))
+        for r in range(4):
+            model[0].weight[r] = torch.rot90(edge, r).expand(3, 3, 3)
+        model[2].weight[0, 0] = kernel
+        model[2].weight[1, 0] = torch.rot90(kernel, 1)
+    layers = discover_layers(model, (3, 16, 16))
+    result = layer_rotation_families(model, layers, "2")
+    assert result["mode"] == "quarter turns"
+    assert [sorted(f["units"]) for f in result["families"]] == [[0, 1]]
+    family = result["families"][0]
+    angle_of = dict(zip(family["units"], family["angles"]))
+    assert (angle_of[1] - angle_of[0]) % 360 in (90.0, 270.0)

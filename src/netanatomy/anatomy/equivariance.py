@@ -42,7 +42,7 @@ def layer_rotation_families(module: nn.Module, layer_map: LayerMap, layer: str, 
     themselves, which the result says.
     """
     target = layer_map.resolve(layer)
-    weights = layer_weights(module, layer_map, target).weights
+    weights = layer_weights(module, layer_map, target, dense_groups=True).weights
     if not weights.ndim == 4 or weights.shape[-1] != weights.shape[-2]:
         raise UsageError(f"layer {target.name} has no square spatial kernels to rotate")
     below = feeding_layer(module, layer_map, target)
@@ -58,7 +58,7 @@ def layer_rotation_families(module: nn.Module, layer_map: LayerMap, layer: str, 
         else:
             current = None
             for name in chain:
-                w = layer_weights(module, layer_map, name).weights
+                w = layer_weights(module, layer_map, name, dense_groups=True).weights
                 if w.shape[-1] != w.shape[-2]:
                     current = None
                     note = f"input channels assumed to map to themselves ({name} has non-square kernels)"
