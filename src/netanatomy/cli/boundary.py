@@ -26,8 +26,8 @@ import torch
 
 from ..errors import UsageError
 
-__all__ = ["available_memory", "check_data_fits", "check_memory", "check_output", "load_cli_model",
-           "open_cli_data", "parse_shape", "probe_forward", "read_cli_clusters"]
+__all__ = ["available_memory", "check_data_fits", "check_memory", "check_output", "load_cli_model", "model_side",
+           "open_cli_data", "parse_shape", "probe_forward", "read_cli_clusters", "warn_size_mismatch"]
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -101,12 +101,49 @@ def probe_forward(loaded, shape: Sequence[int], failure: str) -> None:
 
 def open_cli_data(spec: str, split: str, loaded, *, limit: int | None = None, seed: int = 0,
                   option: str = "--data", labels: bool = False, shape_option: bool = True):
-    """Open `spec` and check that its images fit `loaded` (see `check_data_fits`)."""
+    """Open `spec` and check that its images fit `loaded` (see `check_data_fits`).
+
+    Photo patches are cut at the model's input side unless the spec says `size=`.
+    """
     from ..data import open_dataset
 
-    ds = open_dataset(spec, split, limit=limit, seed=seed)
+    ds = open_dataset(spec, split, limit=limit, seed=seed, default_size=model_side(loaded))
     check_data_fits(ds, loaded, spec, option=option, labels=labels, shape_option=shape_option)
     return ds
+
+
+def model_side(loaded) -> int | None:
+    """The side of the square images `loaded` takes (224 for 3x224x224), or None."""
+    shape = tuple(loaded.input_shape) if loaded.input_shape else ()
+    return int(shape[1]) if len(shape) == 3 and shape[1] == shape[2] else None
+
+
+SIZE_RATIO = 1.5  # data this much smaller or larger than the model's own input size is warned about
+
+
+def warn_size_mismatch(ds, loaded, spec: str, option: str = "--data") -> str | None:
+    """One warning line on stderr when the images of `ds` are far from the size the model
+    declares (a ratio over SIZE_RATIO either way, e.g. 32 px patches on a 224 px model given
+    --input-shape 3,32,32): its units were trained on other scales. Returns the line, or None."""
+    declared = getattr(loaded, "declared_input_shape", None)
+    if not declared or len(declared) != 3:
+        return None
+    h, w = (int(s) for s in ds.image_shape[1:3])
+    mh, mw = int(declared[1]), int(declared[2])
+    ratio = max(h / mh, mh / h, w / mw, mw / w)
+    if ratio <= SIZE_RATIO:
+        return None
+    fix = ""
+    if mh == mw:
+        from ..data import with_options
+
+        fix = f" ({option} {shlex.quote(with_options(spec, size=mh))} gives them"
+        fix += ", with no --input-shape)" if tuple(loaded.input_shape or ()) != tuple(declared) else ")"
+    line = (f"warning: {option} {spec} gives {h}x{w} images, {ratio:.1f}x "
+            f"{'smaller' if h * w < mh * mw else 'larger'} than the {mh}x{mw} that {loaded.source} takes; "
+            f"its units may respond differently away from that scale{fix}")
+    click.echo(f"netanatomy: {line}", err=True)
+    return line
 
 
 def check_data_fits(ds, loaded, spec: str, *, option: str = "--data", labels: bool = False,
@@ -190,7 +227,8 @@ def read_cli_clusters(path: str, loaded, layer_map) -> list:
     recorded = {str(k): v for k, v in (widths or {}).items() if k != "input"}  # the weight graph's input
     for c in clusters:
         for layer, _ in c.units:
-            recorded.setdefault(layer, None)
+            if layer != "input":  # the weight graph's input pixels: in every model with this input
+                recorded.setdefault(layer, None)
     differ = []
     for layer, width in recorded.items():
         try:

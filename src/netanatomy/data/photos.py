@@ -10,9 +10,11 @@ Each patch is a random square crop whose side is a fraction of the photo's short
 drawn log-uniformly from `scale` (default 0.1 to 0.5, so patches cover a range of scales;
 never less than `size` pixels, so nothing is upsampled), resized to `size` x `size`
 (bilinear, antialiased) and mirrored left-right with probability 1/2 (`?flip=0` turns that
-off). The photo is drawn uniformly, so photos are equally represented. The label is the
-photo's index (`classes` holds the photo names), so the set can also serve a "which photo"
-task. Everything follows from the seed; the split changes the seed stream.
+off). `size` is the spec's `size=`, else the model's input side in commands that run a model
+(`open_dataset(default_size=...)`), else 32. The photo is drawn uniformly, so photos are
+equally represented. The label is the photo's index (`classes` holds the photo names), so the
+set can also serve a "which photo" task. Everything follows from the seed; the split changes
+the seed stream.
 """
 from __future__ import annotations
 

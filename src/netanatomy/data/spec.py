@@ -209,8 +209,11 @@ def _read_folder(spec: Spec, split: str, opts: Options, seed: int) -> ImageDatas
                         classes=classes, spec=spec.text)
 
 
-def _read_photos(spec: Spec, split: str, opts: Options, seed: int) -> ImageDataset:
-    size = opts.integer("size", 32, minimum=1)
+PHOTOS_SIZE = 32  # photo patches' side when neither the spec nor a model says
+
+
+def _read_photos(spec: Spec, split: str, opts: Options, seed: int, default_size: int | None = None) -> ImageDataset:
+    size = opts.integer("size", default_size or PHOTOS_SIZE, minimum=1)
     n = opts.integer("n", 10000, minimum=1)
     scale = opts.range("scale", (0.1, 0.5))
     flip = opts.flag("flip", True)
@@ -261,7 +264,8 @@ READERS: dict[str, Reader] = {
     "folder": Reader(_read_folder, "folder:DIR[?size=224&resize=N]",
                      "ImageNet-style DIR/CLASS/*.jpg, loaded lazily, RGB, centre-cropped", ("size", "resize")),
     "photos": Reader(_read_photos, "photos[:DIR][?size=32&n=10000&scale=0.1-0.5&flip=1&builtin=1]",
-                     "seeded patches of colour photos (label = photo index)",
+                     "seeded patches of colour photos (label = photo index; size: the model's input side in "
+                     "commands that run a model, else 32)",
                      ("size", "n", "scale", "flip", "builtin")),
     "gratings": Reader(_read_gratings,
                        "gratings[?size=224&orientations=8&frequencies=1,2,4&phases=4&channels=3&contrast=1]",
@@ -300,11 +304,14 @@ def _channel_mode(opts: Options) -> str | None:
     return "grey" if grey else {1: "luma", 3: "rgb", None: None}[channels]
 
 
-def open_dataset(spec: str, split: str = "test", *, limit: int | None = None, seed: int = 0) -> ImageDataset:
+def open_dataset(spec: str, split: str = "test", *, limit: int | None = None, seed: int = 0,
+                 default_size: int | None = None) -> ImageDataset:
     """Open the data set a spec names (see `dataset_help()`), as an ImageDataset.
 
     `split` is "train" or "test" ("val" is accepted: the test split, or DIR/val of a folder).
     `limit` keeps the first N items (after a seeded shuffle when the spec says `?shuffle=1`).
+    `default_size` is the side of photo patches when the spec gives no `size=` (the CLI passes
+    the model's input size); the spec's own `size=` always wins.
     """
     parsed = parse_spec(spec)
     if split not in SPLITS:
@@ -323,7 +330,10 @@ def open_dataset(spec: str, split: str = "test", *, limit: int | None = None, se
     mode = _channel_mode(opts)
     size = opts.integer("size", None, minimum=1)
     reader_split = "test" if split == "val" and name != "folder" else split
-    ds = READERS[name].read(parsed, reader_split, opts, seed)
+    if name == "photos" and default_size is not None:
+        ds = _read_photos(parsed, reader_split, opts, seed, int(default_size))
+    else:
+        ds = READERS[name].read(parsed, reader_split, opts, seed)
     if ds.classes is not None and len(ds) and (ds.targets.max() >= len(ds.classes) or ds.targets.min() < -1):
         raise UsageError(f"{spec}: labels run from {ds.targets.min()} to {ds.targets.max()} but there are "
                          f"{len(ds.classes)} classes")

@@ -1,5 +1,5 @@
 """Adapters from model sources to analyzable modules: loading, weights, layers and branches."""
-from .source import LoadedModel, add_normalization, load_model, parse_model_args
+from .source import LoadedModel, add_normalization, class_name, load_model, logits_layer, parse_model_args
 from .weights import apply_state_dict, check_finite, load_weights, read_state_dict, save_state_dict
 
 __all__ = [
@@ -7,8 +7,10 @@ __all__ = [
     "add_normalization",
     "apply_state_dict",
     "check_finite",
+    "class_name",
     "load_model",
     "load_weights",
+    "logits_layer",
     "parse_model_args",
     "read_state_dict",
     "save_state_dict",

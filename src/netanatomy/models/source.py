@@ -31,6 +31,7 @@ from .weights import apply_state_dict, load_weights, read_state_dict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_MNIST_SUFFIX = "-fmnist"  # zoo entries with bundled weights trained on Fashion-MNIST
 
 
 @dataclass
@@ -44,6 +45,8 @@ class LoadedModel:
     weights: str | None = None
     aliases: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    class_names: tuple[str, ...] | None = None   # one name per output, when known
+    declared_input_shape: tuple[int, ...] | None = None  # what the model declares (before --input-shape)
 
     @property
     def device(self) -> torch.device:
@@ -109,11 +112,28 @@ def add_normalization(module: nn.Module, mean: Sequence[float], std: Sequence[fl
     return module
 
 
-def _from_zoo(name: str, kwargs: dict[str, Any]) -> tuple[nn.Module, dict]:
+def _takes_weights(factory: Callable) -> bool:
+    try:
+        return "weights" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _from_zoo(name: str, kwargs: dict[str, Any], weights: str | None = None) -> tuple[nn.Module, dict]:
+    """Build a zoo entry. An entry whose factory finds its own weights (a `weights` parameter,
+    e.g. the ImageNet entries) is given the user's --weights file there, where it is hash-checked;
+    `info["weights_loaded"]` then says that the generic load is not needed."""
     from .zoo import get_entry
 
     entry = get_entry(name)
     base = get_entry(entry.base) if entry.base else entry
+    passed = False
+    if weights and _takes_weights(base.factory):
+        if "weights" in kwargs:
+            raise UsageError(f"zoo:{name} was given its weights twice (--weights and --model-arg weights=): "
+                             f"give --weights FILE alone")
+        kwargs = {**kwargs, "weights": str(weights)}
+        passed = True
     kwargs = check_arguments(base.factory, kwargs, f"zoo:{name}")
     merged = {**base.default_kwargs, **entry.default_kwargs, **kwargs}
     if not kwargs:
@@ -126,7 +146,12 @@ def _from_zoo(name: str, kwargs: dict[str, Any]) -> tuple[nn.Module, dict]:
         except Exception as exc:  # only the user's values differ from a build that works
             given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
             raise UsageError(f"zoo:{name} cannot be built with {given}: {_exception_text(exc)}") from exc
-    info = {"input_shape": entry.input_shape, "num_classes": entry.num_classes, "description": entry.description}
+    info = {"input_shape": entry.input_shape, "num_classes": entry.num_classes, "description": entry.description,
+            "weights_loaded": passed}
+    if entry.weights and name.endswith(FASHION_MNIST_SUFFIX):  # the bundled models trained on Fashion-MNIST
+        from ..data.spec import FASHION_MNIST_CLASSES
+
+        info["class_names"] = tuple(FASHION_MNIST_CLASSES)
     if entry.weights:
         resource = importlib.resources.files("netanatomy") / "resources" / "models" / entry.weights
         with importlib.resources.as_file(resource) as path:
@@ -422,13 +447,14 @@ def load_model(source: str, *, weights: str | None = None, model_args: Sequence[
         if seed is not None:
             torch.manual_seed(seed)
         if scheme == "zoo":
-            module, info = _from_zoo(rest, kwargs)
+            module, info = _from_zoo(rest, kwargs, weights)
         elif scheme in ("torchvision", "timm"):
             module, info = _from_hub(scheme, rest, kwargs)
         else:
             module, info = _from_file(rest, kwargs)
     if weights:
-        load_weights(module, weights)
+        if not info.get("weights_loaded"):
+            load_weights(module, weights)
         info["weights"] = str(weights)
     if normalize is not None:
         add_normalization(module, *normalize)
@@ -436,6 +462,7 @@ def load_model(source: str, *, weights: str | None = None, model_args: Sequence[
     module.to(resolve_device(device))
     input_shape = getattr(module, "netanatomy_input_shape", None) or info.get("input_shape")
     aliases = dict(getattr(module, "netanatomy_aliases", {}) or {})
+    names = getattr(module, "netanatomy_class_names", None) or info.get("class_names")
     return LoadedModel(
         module=module,
         source=source,
@@ -444,7 +471,27 @@ def load_model(source: str, *, weights: str | None = None, model_args: Sequence[
         weights=info.get("weights"),
         aliases=aliases,
         description=info.get("description", ""),
+        class_names=tuple(str(n) for n in names) if names else None,
+        declared_input_shape=tuple(input_shape) if input_shape else None,
     )
+
+
+def class_name(loaded: LoadedModel, index: int) -> str:
+    """The name of output class `index` of `loaded` ('Egyptian cat'), or '' when it has none."""
+    names = loaded.class_names
+    return names[int(index)] if names and 0 <= int(index) < len(names) else ""
+
+
+def logits_layer(loaded: LoadedModel, layer_map) -> str | None:
+    """The name of the layer whose units are `loaded`'s named classes: the last conv or linear
+    layer, when it has one unit per class name; None otherwise (no names, or another width)."""
+    if not loaded.class_names:
+        return None
+    last = None
+    for layer in layer_map.values():
+        if layer.kind in ("conv", "linear"):
+            last = layer
+    return last.name if last is not None and last.units == len(loaded.class_names) else None
 
 
 def _guess_classes(module: nn.Module) -> int | None:

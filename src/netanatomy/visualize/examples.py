@@ -264,17 +264,28 @@ def dataset_examples(model: nn.Module, layer: str, data, *, units: Sequence[int]
                            pos=pos, boxes=boxes, crops=torch.stack(crops), field=field)
 
 
+def label_names(examples: DatasetExamples, class_names: Sequence[str] | None) -> list[list[str | None]] | None:
+    """The class name of every example ([unit][rank]; None for an unlabelled one), or None
+    when the data set names no classes."""
+    if not class_names:
+        return None
+    return [[class_names[c] if 0 <= c < len(class_names) else None for c in (int(v) for v in row)]
+            for row in examples.labels]
+
+
 def examples_sheet(examples: DatasetExamples, renders: Tensor | None = None, *, cell: int = 80,
-                   class_names: Sequence[str] | None = None) -> np.ndarray:
+                   class_names: Sequence[str] | None = None, unit_names: Sequence[str] | None = None) -> np.ndarray:
     """One row per unit: its render first (when given), then its top-k crops.
 
-    The first label of a row names the unit; every crop's label gives its value and, when the data
-    set is labelled, its class.
+    The first label of a row names the unit (with `unit_names[u]` when given, e.g. the class a
+    logit stands for); every crop's label gives its value and, when the data set is labelled,
+    its class.
     """
     n_units, k = examples.index.shape
     items, labels = [], []
     for u in range(n_units):
-        head = f"u{examples.units[u]}: "
+        named = unit_names[u] if unit_names is not None and u < len(unit_names) and unit_names[u] else ""
+        head = f"u{examples.units[u]}{' ' + named if named else ''}: "
         if renders is not None:
             items.append(renders[u])
             labels.append(f"{head}render")
@@ -287,7 +298,10 @@ def examples_sheet(examples: DatasetExamples, renders: Tensor | None = None, *, 
                 name = class_names[cls] if class_names is not None and cls < len(class_names) else f"class {cls}"
             labels.append(f"{head if j == 0 else ''}{examples.value[u, j]:.2f} {name}".rstrip())
     ncols = k + (1 if renders is not None else 0)
-    return contact_sheet(items, labels, ncols=ncols, cell=cell, title=f"{examples.layer}: top {k} dataset examples")
+    named = bool(unit_names) or bool(class_names)
+    return contact_sheet(items, labels, ncols=ncols, cell=cell, title=f"{examples.layer}: top {k} dataset examples",
+                         label_lines=2 if named else 1)
 
 
-__all__ = ["DatasetExamples", "ReceptiveField", "dataset_examples", "examples_sheet", "receptive_field", "scaled_field"]
+__all__ = ["DatasetExamples", "ReceptiveField", "dataset_examples", "examples_sheet", "label_names", "receptive_field",
+           "scaled_field"]

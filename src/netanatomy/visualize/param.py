@@ -7,6 +7,10 @@ channels are decorrelated with the square root of ImageNet's colour covariance (
 only); a sigmoid maps the result into [0, 1]. A plain-pixel parameterization is there for
 comparison and for tiny images.
 
+With `param_size` the image is parameterized at that (smaller) size and upsampled bilinearly
+to the image size inside `forward` (Lucent's default: 128 px parameters seen by a 224 px
+network), which halves the spectrum's free values per side and favours larger structures.
+
 Each image of a batch gets its initial values from its own seed, so an image does not depend
 on which other images share its batch. Initial values are drawn on the CPU and then moved to
 the device, so the same seed gives the same start on every device.
@@ -86,14 +90,15 @@ class ImageParam(nn.Module):
     """
 
     def __init__(self, raw: Tensor, kind: str, size: tuple[int, int], decorrelate: bool,
-                 decay_power: float = DECAY_POWER):
+                 decay_power: float = DECAY_POWER, param_size: tuple[int, int] | None = None):
         super().__init__()
         self.kind = kind
         self.size = size
+        self.param_size = tuple(param_size) if param_size is not None else tuple(size)
         self.decorrelate = decorrelate
         self.raw = nn.Parameter(raw)
         if kind == "fourier":
-            scale = spectrum_scale(*size, decay_power).to(raw.device)
+            scale = spectrum_scale(*self.param_size, decay_power).to(raw.device)
             self.register_buffer("scale", scale, persistent=False)
         else:
             self.scale = None
@@ -104,31 +109,44 @@ class ImageParam(nn.Module):
 
     def forward(self) -> Tensor:
         if self.kind == "fourier":
-            x = spectrum_to_image(self.raw, self.scale, self.size)
+            x = spectrum_to_image(self.raw, self.scale, self.param_size)
         else:
             x = self.raw
-        return to_unit_range(x, self.decorrelate)
+        x = to_unit_range(x, self.decorrelate)
+        if self.param_size != tuple(self.size):
+            # bilinear, corners aligned as Lucent's upsampling; stays in [0, 1] and differentiable
+            x = torch.nn.functional.interpolate(x, size=self.size, mode="bilinear", align_corners=True)
+        return x
 
 
 def image_param(seeds: Sequence[int], channels: int, size: int | tuple[int, int], *, kind: str = "fourier",
                 sd: float | None = None, decay_power: float = DECAY_POWER, decorrelate: bool = True,
-                device: str | torch.device = "cpu") -> ImageParam:
+                device: str | torch.device = "cpu", param_size: int | tuple[int, int] | None = None) -> ImageParam:
     """One image per seed: `kind` "fourier" (1/f-scaled spectrum, Lucid's default) or "pixel".
 
     Image i starts from normal noise drawn with seeds[i] alone. Colour decorrelation applies only
-    to 3-channel images; grey and other channel counts go straight to the sigmoid.
+    to 3-channel images; grey and other channel counts go straight to the sigmoid. With
+    `param_size` (at most `size`), the image is made at that size and upsampled bilinearly to
+    `size` (e.g. 128 -> 224, as Lucent does); None or `size` itself: no upsampling.
     """
     if kind not in PARAMETERIZATIONS:
         raise UsageError(f"unknown image parameterization {kind!r}: use {' or '.join(PARAMETERIZATIONS)}")
-    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    h, w = _pair(size)
     if channels < 1 or h < 1 or w < 1:
         raise UsageError(f"image shape must be positive, got {channels} x {h} x {w}")
+    ph, pw = (h, w) if param_size is None else _pair(param_size)
+    if ph < 1 or pw < 1 or ph > h or pw > w:
+        raise UsageError(f"the parameterization size {ph}x{pw} must be between 1 and the image size {h}x{w}")
     if not seeds:
         raise UsageError("no images to parameterize")
     sd = (FOURIER_SD if kind == "fourier" else PIXEL_SD) if sd is None else float(sd)
-    shape = (channels, h, w // 2 + 1, 2) if kind == "fourier" else (channels, h, w)
+    shape = (channels, ph, pw // 2 + 1, 2) if kind == "fourier" else (channels, ph, pw)
     raw = torch.stack([torch.randn(shape, generator=torch_generator(s)) * sd for s in seeds])
-    return ImageParam(raw.to(device), kind, (h, w), decorrelate, decay_power)
+    return ImageParam(raw.to(device), kind, (h, w), decorrelate, decay_power, param_size=(ph, pw))
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 __all__ = [

@@ -47,11 +47,13 @@ def _font(size: int):
 
 def contact_sheet(images: torch.Tensor | np.ndarray | Sequence, labels: Sequence[str] | None = None, *,
                   ncols: int | None = None, cell: int = 96, gap: int = 4, title: str | None = None,
-                  font_size: int = 11) -> np.ndarray:
+                  font_size: int = 11, label_lines: int = 1) -> np.ndarray:
     """A grid of images [N, C, H, W] with a label under each; returns uint8 [H, W, 3] for `save_png`.
 
     Each image is scaled to fit a `cell` x `cell` square (aspect kept); `ncols` defaults to a
-    near-square grid. Empty entries (None) leave a blank cell.
+    near-square grid. Empty entries (None) leave a blank cell. A label wraps at spaces onto up
+    to `label_lines` lines (the last one shortened with an ellipsis), so that a class name such
+    as "fc:285 Egyptian cat" stays readable; the sheet is widened to its whole title.
     """
     from PIL import Image, ImageDraw
 
@@ -64,9 +66,13 @@ def contact_sheet(images: torch.Tensor | np.ndarray | Sequence, labels: Sequence
     ncols = max(1, int(ncols) if ncols else int(np.ceil(np.sqrt(n))))
     nrows = int(np.ceil(n / ncols))
     font = _font(font_size)
-    label_h = font_size + 4 if labels is not None else 0
+    lines = max(1, int(label_lines))
+    label_h = lines * (font_size + 2) + 2 if labels is not None else 0
     title_h = font_size + 8 if title else 0
     width = ncols * (cell + gap) + gap
+    if title:
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        width = max(width, int(np.ceil(probe.textlength(title, font=font))) + 2 * gap)
     height = title_h + nrows * (cell + label_h + gap) + gap
     sheet = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
@@ -84,9 +90,27 @@ def contact_sheet(images: torch.Tensor | np.ndarray | Sequence, labels: Sequence
             tile = tile.resize(size, resample)
             sheet.paste(tile, (x0 + (cell - size[0]) // 2, y0 + (cell - size[1]) // 2))
         if labels is not None and labels[i]:
-            text = _fit(draw, str(labels[i]), font, cell)
-            draw.text((x0, y0 + cell + 1), text, fill=TEXT, font=font)
+            for row, text in enumerate(_wrap(draw, str(labels[i]), font, cell, lines)):
+                draw.text((x0, y0 + cell + 1 + row * (font_size + 2)), text, fill=TEXT, font=font)
     return np.asarray(sheet)
+
+
+def _wrap(draw, text: str, font, width: int, lines: int) -> list[str]:
+    """`text` in at most `lines` lines of `width` pixels, broken at spaces; the last line is
+    shortened with an ellipsis when the rest does not fit."""
+    out: list[str] = []
+    words = text.split(" ")
+    while words and len(out) < lines - 1:
+        line = words.pop(0)
+        while words and draw.textlength(line + " " + words[0], font=font) <= width:
+            line += " " + words.pop(0)
+        if draw.textlength(line, font=font) > width:  # one word longer than the cell: let the last line cut it
+            words.insert(0, line)
+            break
+        out.append(line)
+    if words:
+        out.append(_fit(draw, " ".join(words), font, width))
+    return out
 
 
 def _fit(draw, text: str, font, width: int) -> str:

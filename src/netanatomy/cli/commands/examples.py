@@ -44,18 +44,23 @@ def command(model, weights, model_args, input_shape, layer, data, split, units, 
     """Find the top-k inputs of each unit of LAYER over DATA: a PNG per unit, a contact sheet, a JSON."""
     from pathlib import Path
 
+    from ...models import class_name, logits_layer
     from ...models.layers import discover_layers
     from ...util.io import save_png, write_json
-    from ...visualize.examples import dataset_examples, examples_sheet
+    from ...visualize.examples import dataset_examples, examples_sheet, label_names
+    from ..boundary import warn_size_mismatch
 
     check_output(out, folder=True)
     loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
     module = loaded.module
     dataset = open_cli_data(data, split, loaded, limit=limit, seed=seed)
+    warn_size_mismatch(dataset, loaded, data)
     layer_map = discover_layers(module, loaded.input_shape)
     resolved = layer_map.resolve(layer)
     unit_list = parse_units(units, resolved.units)
     classes = list(getattr(dataset, "classes", None) or []) or None
+    unit_names = [class_name(loaded, u) for u in unit_list] \
+        if logits_layer(loaded, layer_map) == resolved.name else None
     started = time.perf_counter()
     found = dataset_examples(module, resolved.name, dataset, units=unit_list, top_k=top_k, rank=rank, crop=crop,
                              stage=stage, batch_size=batch_size, device=device, input_shape=layer_map.input_shape)
@@ -66,12 +71,13 @@ def command(model, weights, model_args, input_shape, layer, data, split, units, 
     for i, u in enumerate(found.units):
         one = found.subset([i])
         path = out_dir / f"unit_{u:04d}.png"
-        save_png(examples_sheet(one, class_names=classes), path)
+        save_png(examples_sheet(one, class_names=classes, unit_names=unit_names and unit_names[i:i + 1]), path)
         files.append(path.name)
-    save_png(examples_sheet(found, class_names=classes), out_dir / "contact_sheet.png")
+    save_png(examples_sheet(found, class_names=classes, unit_names=unit_names), out_dir / "contact_sheet.png")
     summary = {
         "model": loaded.source, "weights": loaded.weights, "data": data, "split": split, "limit": limit,
         "top_k": found.index.shape[1], "stage": stage, "crop": crop, **found.to_json(),
+        "unit_names": unit_names, "label_names": label_names(found, classes),
         "classes": classes, "files": files, "contact_sheet": "contact_sheet.png", "seconds": seconds,
         "out": str(out_dir),
     }

@@ -55,20 +55,37 @@ def command(model, weights, model_args, input_shape, clusters_file, data, n_rand
     finally:
         bar.close()
     doc = {"model": loaded.source, "data": data, "examples": int(x.shape[0]), **result.to_json()}
+    doc["class_names"] = _class_names(loaded, ds, len(doc["class_accuracy"]))
     if out:
         write_json(out, doc)
     emit(doc, as_json, _human)
 
 
+def _class_names(loaded, ds, count: int) -> list[str]:
+    """A name per class of the accuracy tables: the model's class names (label i is output i),
+    else the data set's, else the index."""
+    from ...models import class_name
+
+    data_names = list(getattr(ds, "classes", None) or [])
+    return [class_name(loaded, c) or (str(data_names[c]) if c < len(data_names) else str(c)) for c in range(count)]
+
+
 def _human(doc: dict) -> str:
+    names = doc.get("class_names") or [str(c) for c in range(len(doc["class_accuracy"]))]
     lines = [f"{doc['model']} on {doc['data']} ({doc['examples']} examples): accuracy {doc['accuracy']:.4f}, "
              f"{doc['random']} random sets per sub-cluster",
              f"Fisher over sub-clusters: drop p {doc['fisher']['drop']:.3g}, "
-             f"specificity p {doc['fisher']['specificity']:.3g}",
-             f"{'cluster':>7} {'layer':<16} {'size':>5} {'drop':>8} {'random':>8} {'p':>7} {'q':>7} "
-             f"{'factor':>7} {'spec':>7} {'p':>7}"]
+             f"specificity p {doc['fisher']['specificity']:.3g}"]
+    if len(names) <= 20:
+        lines.append("accuracy per class: " + ", ".join(f"{n} {a:.3f}" for n, a in zip(names, doc["class_accuracy"])))
+    lines.append(f"{'cluster':>7} {'layer':<16} {'size':>5} {'drop':>8} {'random':>8} {'p':>7} {'q':>7} "
+                 f"{'factor':>7} {'spec':>7} {'p':>7}  most hurt class")
     for t in doc["sub_clusters"]:
+        drops = [] if t.get("class_drop") is None else [float(d) for d in t["class_drop"]]
+        worst = max(range(len(drops)), key=lambda c: drops[c]) if drops else None
+        hurt = f"{names[worst]} ({drops[worst]:+.3f})" \
+            if worst is not None and worst < len(names) and drops[worst] > 0 else "-"
         lines.append(f"{t['cluster']:>7} {t['layer']:<16} {t['size']:>5} {t['drop']:>8.4f} "
                      f"{t['random_drop_mean']:>8.4f} {t['p_drop']:>7.3g} {t['q_drop']:>7.3g} "
-                     f"{t['effect_factor']:>7.2f} {t['specificity']:>7.2f} {t['p_specificity']:>7.3g}")
+                     f"{t['effect_factor']:>7.2f} {t['specificity']:>7.2f} {t['p_specificity']:>7.3g}  {hurt}")
     return "\n".join(lines)

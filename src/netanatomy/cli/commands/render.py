@@ -19,6 +19,24 @@ from ..options import (
 )
 
 
+def objective_class(obj, loaded, layer_map, logits: str | None) -> str:
+    """The class an objective on one logit stands for ('Egyptian cat' for fc:285), or ''."""
+    from ...errors import UsageError
+    from ...models import class_name
+    from ...visualize.objectives import LinearTerm
+
+    if logits is None or len(obj.terms) != 1:
+        return ""
+    _, term = obj.terms[0]
+    if not isinstance(term, LinearTerm) or term.units is None or len(term.units) != 1:
+        return ""
+    try:
+        name = layer_map.resolve(term.layer).name
+    except UsageError:
+        return ""
+    return class_name(loaded, term.units[0]) if name == logits else ""
+
+
 def file_stem(name: str) -> str:
     """An objective name as a file name: 'mixed4a:97' -> 'mixed4a_97'."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "objective"
@@ -55,6 +73,7 @@ def command(model, weights, model_args, input_shape, layer, units, objectives, s
     from pathlib import Path
 
     from ...errors import UsageError
+    from ...models import logits_layer
     from ...models.layers import discover_layers
     from ...util.io import save_png, write_json
     from ...visualize import TransformConfig, channel, parse_objective, render
@@ -90,13 +109,19 @@ def command(model, weights, model_args, input_shape, layer, units, objectives, s
         path = out_dir / f"{stem}.png"
         save_png(to_hwc(result.images[i]), path)
         files.append(path.name)
-    labels = [f"{u}: {v:.2f}" for u, v in zip(unit_list, result.values)] if unit_list is not None \
-        else [f"{o.name}: {v:.2f}" for o, v in zip(objs, result.values)]
-    title = f"{loaded.source} {layer_name or ''} ({steps} steps, seed {seed})".replace("  ", " ")
-    save_png(contact_sheet(result.images, labels, title=title), out_dir / "contact_sheet.png")
+    logits = logits_layer(loaded, layer_map)
+    names = [objective_class(o, loaded, layer_map, logits) for o in objs]
+    shown = [f"{u}" for u in unit_list] if unit_list is not None else [o.name for o in objs]
+    shown = [f"{text} {name}" if name else text for text, name in zip(shown, names)]
+    labels = [f"{text}: {v:.2f}" for text, v in zip(shown, result.values)]
+    what = layer_name or (shown[0] if len(shown) == 1 else "")
+    title = f"{loaded.source} {what} ({steps} steps, seed {seed})".replace("  ", " ")
+    save_png(contact_sheet(result.images, labels, title=title, label_lines=2 if any(names) else 1),
+             out_dir / "contact_sheet.png")
     summary = {
         "model": loaded.source, "weights": loaded.weights, "layer": layer_name, "units": unit_list,
-        "objectives": result.names, "values": result.values, "files": files, "contact_sheet": "contact_sheet.png",
+        "objectives": result.names, "class_names": names if any(names) else None, "values": result.values,
+        "files": files, "contact_sheet": "contact_sheet.png",
         "steps": steps, "batch": batch, "lr": lr, "param": param, "stage": stage, "transforms": transforms,
         "size": list(result.images.shape[2:]), "seed": seed, "seeds": result.seeds, "device": str(device),
         "seconds": seconds, "out": str(out_dir),
@@ -104,8 +129,11 @@ def command(model, weights, model_args, input_shape, layer, units, objectives, s
     write_json(out_dir / "render.json", summary)
 
     def human(s):
-        return (f"rendered {len(files)} images of {s['layer'] or 'the objectives'} in {seconds:.1f} s "
-                f"({steps} steps); objective values {min(s['values']):.3g} to {max(s['values']):.3g}\n"
+        what = s["layer"] or (shown[0] if len(shown) == 1 else "the objectives")
+        named = "".join(f"\n{text}: {v:.3g}" for text, name, v in zip(shown, names, s["values"]) if name)
+        return (f"rendered {len(files)} images of {what} in {seconds:.1f} s "
+                f"({steps} steps); objective values {min(s['values']):.3g} to {max(s['values']):.3g}"
+                f"{named if 1 < len(files) <= 16 else ''}\n"
                 f"wrote {out_dir}/ (PNG per image, contact_sheet.png, render.json)")
 
     emit(summary, as_json, human)

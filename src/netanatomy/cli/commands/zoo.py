@@ -20,10 +20,11 @@ def command(as_json: bool) -> None:
 
     def human(_):
         lines = []
+        width = max([24] + [len(r["name"]) for r in rows])
         for r in rows:
             shape = "x".join(map(str, r["input_shape"]))
             tag = "  [trained, bundled]" if r["bundled_weights"] else ""
-            lines.append(f"{r['name']:<24} {shape:<10} {r['description']}{tag}")
+            lines.append(f"{r['name']:<{width}} {shape:<10} {r['description']}{tag}")
         return "\n".join(lines)
 
     emit({"models": rows}, as_json, human)

