@@ -35,3 +35,30 @@ def test_a_diversity_objective_keeps_the_batch_whole(monkeypatch):
     objectives = [channel("mixed2", u) + 0.1 * diversity("mixed2") for u in range(3)]
     monkeypatch.setattr(render_module, "MICRO_BATCH_BYTES", 1)
     assert render_module.micro_batch(objectives, *_args(model, objectives)) is None
+
+
+def test_render_parameterized_at_a_smaller_size_from_the_cli(tmp_path, capsys):
+    from netanatomy.cli.main import run
+
+    out = tmp_path / "r"
+    rc = run(["render", "zoo:minception-fmnist", "--layer", "mixed2", "--units", "0-1", "--steps", "3",
+              "--param-size", "14", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    pngs = sorted(out.glob("mixed2*.png")) or sorted(out.glob("*.png"))
+    assert pngs
+    capsys.readouterr()
+    rc = run(["render", "zoo:minception-fmnist", "--layer", "mixed2", "--units", "0", "--steps", "3",
+              "--param-size", "64", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--param-size 64" in err and not (tmp_path / "bad").exists()
+
+
+def test_param_size_image_is_smooth_upsampling():
+    from netanatomy.visualize.param import image_param
+
+    small = image_param([1], 3, 16, device="cpu")().detach()
+    big = image_param([1], 3, 32, param_size=16, device="cpu")().detach()
+    assert big.shape == (1, 3, 32, 32)
+    # the upsampled image is the small one, bilinearly enlarged
+    down = torch.nn.functional.avg_pool2d(big, 2)
+    assert float((down - small).abs().max()) < 0.08

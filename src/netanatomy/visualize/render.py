@@ -77,13 +77,15 @@ def render(model: nn.Module, objectives: Objective | str | Sequence[Objective | 
            decorrelate: bool = True, decay_power: float = DECAY_POWER,
            transforms: TransformConfig | None = TransformConfig(), stage: str = "pre",
            input_shape: Sequence[int] | None = None, device: str | torch.device | None = None,
-           show_progress: bool = True) -> Rendering:
+           show_progress: bool = True, param_size: int | tuple[int, int] | None = None) -> Rendering:
     """Render one image per objective (names such as "mixed4a:97" are parsed).
 
     Images are optimized `batch_size` at a time (default: all in one batch) for `steps` Adam
     steps at `lr`. The image shape defaults to the model's input shape; `size` renders at
     another size (for convolutional layers). `transforms=None` turns transformation robustness
     off. `stage` "pre" reads pre-activation values, "post" the values after the nonlinearity.
+    `param_size` parameterizes the image at that size and upsamples it to the render size
+    (Lucent's default for 224 px models is 128).
     """
     objs = [as_objective(o) for o in ([objectives] if isinstance(objectives, (Objective, str)) else objectives)]
     if not objs:
@@ -119,7 +121,8 @@ def render(model: nn.Module, objectives: Objective | str | Sequence[Objective | 
                 result = _render_batch(
                     model, [objs[i] for i in chunk], [seeds[i] for i in chunk], layers, stage, steps=steps, lr=lr,
                     size=hw, channels=n_channels, param=param, decorrelate=decorrelate, decay_power=decay_power,
-                    config=config, device=dev, bar=bar, channels_last=channels_last, micro=micro)
+                    config=config, device=dev, bar=bar, channels_last=channels_last, micro=micro,
+                    param_size=param_size)
                 images.append(result[0])
                 values.append(result[1])
                 history.append(result[2])
@@ -264,7 +267,8 @@ def _evaluate(plan: _Plan, layers: Mapping[str, Layer], acts: Mapping[str, Tenso
 def _render_batch(model: nn.Module, objs: Sequence[Objective], seeds: Sequence[int], layers: Mapping[str, Layer],
                   stage: str, *, steps: int, lr: float, size: tuple[int, int], channels: int, param: str,
                   decorrelate: bool, decay_power: float, config: TransformConfig, device: torch.device, bar,
-                  channels_last: bool = False, micro: int | None = None
+                  channels_last: bool = False, micro: int | None = None,
+                  param_size: int | tuple[int, int] | None = None
                   ) -> tuple[Tensor, np.ndarray, np.ndarray, dict[str, float]]:
     batch = len(objs)
     # The images go in channels-last as well, so the first conv reads the layout that
@@ -272,7 +276,7 @@ def _render_batch(model: nn.Module, objs: Sequence[Objective], seeds: Sequence[i
     layout = torch.channels_last if channels_last else torch.preserve_format
     needed = {layers[name].name: layers[name] for obj in objs for name in obj.layers}
     image = image_param(seeds, channels, size, kind=param, decorrelate=decorrelate, decay_power=decay_power,
-                        device=device)
+                        device=device, param_size=param_size)
     tparams = draw_params([derive(s, "transforms") for s in seeds], steps, config, device=device)
     optimizer = torch.optim.Adam(image.parameters(), lr=lr)
     history = torch.zeros(steps, batch, device=device)

@@ -59,6 +59,9 @@ def file_stem(name: str) -> str:
               help="Image parameterization.")
 @click.option("--size", type=click.IntRange(1), default=None,
               help="Render at SIZE x SIZE instead of the model's input size (convolutional layers).")
+@click.option("--param-size", "param_size", type=click.IntRange(1), default=None, metavar="N",
+              help="Parameterize the image at N x N and upsample it to the render size (Lucent's default "
+                   "for 224 px models: 128) [default: the render size].")
 @click.option("--stage", type=click.Choice(["pre", "post"]), default="pre", show_default=True,
               help="Maximize pre-activation values (as Lucid's pre_relu layers) or post-activation values.")
 @click.option("--transforms/--no-transforms", default=True, show_default=True,
@@ -67,8 +70,8 @@ def file_stem(name: str) -> str:
 @seed_option
 @device_option
 @json_option
-def command(model, weights, model_args, input_shape, layer, units, objectives, steps, batch, lr, param, size, stage,
-            transforms, out, seed, device, as_json) -> None:
+def command(model, weights, model_args, input_shape, layer, units, objectives, steps, batch, lr, param, size,
+            param_size, stage, transforms, out, seed, device, as_json) -> None:
     """Render the units of LAYER of MODEL (or --objective names): one PNG each, a contact sheet, a JSON."""
     from pathlib import Path
 
@@ -87,6 +90,9 @@ def command(model, weights, model_args, input_shape, layer, units, objectives, s
     loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
     module = loaded.module
     layer_map = discover_layers(module, loaded.input_shape)
+    render_side = size or (min(loaded.input_shape[1:]) if len(loaded.input_shape) == 3 else None)
+    if param_size is not None and render_side is not None and param_size > render_side:
+        raise UsageError(f"--param-size {param_size} is larger than the rendered image ({render_side} px)")
     if objectives:
         objs = [parse_objective(text) for text in objectives]
         unit_list = None
@@ -98,6 +104,7 @@ def command(model, weights, model_args, input_shape, layer, units, objectives, s
         layer_name = resolved.name
     started = time.perf_counter()
     result = render(module, objs, steps=steps, lr=lr, seed=seed, batch_size=batch, size=size, param=param,
+                    param_size=param_size,
                     stage=stage, transforms=TransformConfig() if transforms else None,
                     input_shape=layer_map.input_shape, device=device)
     seconds = time.perf_counter() - started
