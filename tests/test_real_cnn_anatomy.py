@@ -162,3 +162,19 @@ def test_rotation_families_of_a_depthwise_layer_follow_its_channels():
     family = result["families"][0]
     angle_of = dict(zip(family["units"], family["angles"]))
     assert (angle_of[1] - angle_of[0]) % 360 in (90.0, 270.0)
+
+
+def test_banding_says_how_many_kernels_carry_the_score():
+    """Ten loud horizontally banded kernels among 990 quiet vertically banded ones: the energy-
+    weighted score is horizontal, carried by about ten kernels, while most kernels lean vertical."""
+    from netanatomy.core.banding import banding_score
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1).expand(10, 3, 3) * 10.0        # equal energy, constant along x
+    cols = torch.randn(990, 1, 3, generator=g).expand(990, 3, 3) * 0.1                  # constant along y
+    kernels = torch.cat([rows, cols]) + 0.01 * torch.randn(1000, 3, 3, generator=g)
+    score = banding_score(kernels, n_permutations=99)
+    assert score.orientation == "horizontal" and score.horizontal > 0.9
+    assert 8.0 < score.effective_kernels < 12.0
+    assert score.share_h_over_v == pytest.approx(0.01, abs=0.01)
+    assert score.mean_v > 0.9 > score.mean_h

@@ -94,6 +94,12 @@ class BandingScore:
     resolution: float | None
     method: str
     skipped: str | None = None
+    # H and V weigh each kernel by its energy; these say how many kernels carry that energy
+    # and what the kernels do unweighted (on a real layer a few loud kernels can set the score)
+    effective_kernels: float | None = None     # (sum SS)^2 / sum SS^2: kernels of equal energy that would give it
+    share_h_over_v: float | None = None        # share of non-constant kernels whose own H exceeds their own V
+    mean_h: float | None = None                # unweighted mean of per-kernel H
+    mean_v: float | None = None                # unweighted mean of per-kernel V
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -283,6 +289,7 @@ def banding_score(weights: Tensor, *, n_permutations: int = 999, seed: int = 0, 
     null = torch.zeros(blocks * pool, 2, dtype=torch.float64)
     pool_var = torch.zeros(2, dtype=torch.float64)                      # sum over kernels of pool variances
     observed = torch.zeros(3, dtype=torch.float64)                     # row SS, column SS, total SS
+    per_kernel = torch.zeros(5, dtype=torch.float64)                   # sum SS^2, #H>V, sum h, sum v, #non-constant
     exact_share = torch.tensor(expected_shares(kh, kw), dtype=torch.float32)
     flat = kernels.reshape(n, p)
     group = min(pool, max(1, n // 256))                                # keep >= 256 independent groups
@@ -296,10 +303,18 @@ def banding_score(weights: Tensor, *, n_permutations: int = 999, seed: int = 0, 
             centred = block.double()
             centred = centred - centred.mean(dim=1, keepdim=True)
             grid = centred.view(-1, kh, kw)
-            observed[0] += grid.sum(dim=2).pow_(2).sum() / kw
-            observed[1] += grid.sum(dim=1).pow_(2).sum() / kh
+            row_ss = grid.sum(dim=2).pow_(2).sum(dim=1) / kw
+            col_ss = grid.sum(dim=1).pow_(2).sum(dim=1) / kh
+            observed[0] += row_ss.sum()
+            observed[1] += col_ss.sum()
             kernel_ss = centred.pow(2).sum(dim=1)
             observed[2] += kernel_ss.sum()
+            live = kernel_ss > 0
+            per_kernel[0] += kernel_ss.pow(2).sum()
+            per_kernel[1] += (row_ss[live] > col_ss[live]).sum()
+            per_kernel[2] += (row_ss[live] / kernel_ss[live]).sum()
+            per_kernel[3] += (col_ss[live] / kernel_ss[live]).sum()
+            per_kernel[4] += live.sum()
             if pairwise:
                 block = block.float()
                 pairs = (block @ sel_a) * (block @ sel_b)                    # [c, pairs] products of the centred kernel
@@ -344,4 +359,6 @@ def banding_score(weights: Tensor, *, n_permutations: int = 999, seed: int = 0, 
         orientation=orientation(h_obs, v_obs, p_h, p_v, kh, kw, alpha=alpha, margin=margin),
         p_value=p_h if excess_h >= excess_v else p_v, p_horizontal=p_h, p_vertical=p_v,
         z_horizontal=z_h, z_vertical=z_v, expected_h=eh, expected_v=ev, kernel=(kh, kw),
-        n_kernels=n, n_permutations=n_rep, resolution=resolution, method=method)
+        n_kernels=n, n_permutations=n_rep, resolution=resolution, method=method,
+        effective_kernels=denom ** 2 / float(per_kernel[0]), share_h_over_v=float(per_kernel[1] / per_kernel[4]),
+        mean_h=float(per_kernel[2] / per_kernel[4]), mean_v=float(per_kernel[3] / per_kernel[4]))
