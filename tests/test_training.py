@@ -71,7 +71,13 @@ def test_cli_train_and_bad_inputs(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     doc = json.loads(captured.out)
-    assert doc["epochs"] == 1 and 0.1 < doc["test_accuracy"] <= 1.0
+    assert doc["epochs"] == 1
+    # the reported accuracy is that of the weights written, on the test split
+    from netanatomy.training import evaluate
+
+    x, y = open_dataset("bundled", "test", limit=300).tensors()
+    written = load_model("zoo:mlp", model_args={"widths": (32,)}, weights=str(out)).module
+    assert doc["test_accuracy"] == pytest.approx(evaluate(written, x, y.long())[0], abs=1e-6)
     # re-running resumes (nothing left to do) and reports the same accuracy
     code = run(["train", "zoo:mlp", "--model-arg", "widths=(32,)", "--data", "bundled?limit=300", "--epochs", "1",
                 "--out", str(out), "--json"])
@@ -91,3 +97,24 @@ def test_cli_train_and_bad_inputs(tmp_path, capsys):
         code = run(base + args)
         err = capsys.readouterr().err
         assert code == 2 and message in err, err
+
+
+def test_default_batch_size_gives_an_epoch_enough_steps():
+    from netanatomy.training import default_batch_size
+
+    assert [default_batch_size(n) for n in (100, 2000, 4000, 10000, 32000, 60000)] == [8, 8, 16, 32, 128, 128]
+    cfg = TrainConfig(epochs=1).resolved(2000)
+    assert (cfg.optimizer, cfg.lr, cfg.batch_size, cfg.warmup_epochs, cfg.schedule) == ("adam", 3e-3, 8, 0.2, "cosine")
+    assert TrainConfig(epochs=1, batch_size=64).resolved(2000).batch_size == 64     # asked for: kept
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,floor", [("zoo:mlp", 0.72), ("zoo:minception", 0.62)])
+def test_default_recipe_learns_on_the_bundled_sample(tmp_path, capsys, model, floor):
+    """`netanatomy train MODEL --data bundled --epochs 2` with every default. The old defaults
+    (SGD 0.05, batch 128: 16 steps an epoch) ended at 37% (MLP) and 10% (Minception); now about
+    75% and 69% (a few seconds each)."""
+    code = run(["train", model, "--data", "bundled", "--epochs", "2", "--out", str(tmp_path / "w.pt"), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["test_accuracy"] >= floor

@@ -98,7 +98,7 @@ def train_config(settings: LabSettings, seed: int):
     from ..training import TrainConfig
 
     return TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, optimizer="adam", lr=settings.lr,
-                       weight_decay=0.0, schedule="none", seed=seed, channels_last=False)
+                       weight_decay=0.0, schedule="none", warmup_epochs=0, seed=seed, channels_last=False)
 
 
 # ---------------------------------------------------------------------------------------------

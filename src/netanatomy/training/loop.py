@@ -26,33 +26,61 @@ from ..util.progress import progress
 from ..util.seeding import derive, torch_generator
 
 
+# The default recipe: Adam at 3e-3, a linear warm-up over the first 0.2 epochs, then cosine
+# decay to 0, and a batch size that gives an epoch at least MIN_STEPS_PER_EPOCH steps. Chosen on
+# the bundled 2000-image Fashion-MNIST sample, where the earlier default (SGD 0.05, batch 128:
+# 16 steps an epoch) ended 2 epochs of zoo:mlp at 37% and 1 of zoo:minception at chance; now 2
+# epochs give about 75% (MLP) and 69% (Minception). On a full data set the batch is 128.
+DEFAULT_OPTIMIZER = "adam"
+DEFAULT_LR = {"sgd": 0.05, "adam": 3e-3}
+DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adam": 0.0}
+DEFAULT_WARMUP_EPOCHS = 0.2
+MAX_BATCH_SIZE = 128
+MIN_BATCH_SIZE = 8
+MIN_STEPS_PER_EPOCH = 250
+
+
+def default_batch_size(n_examples: int) -> int:
+    """128, or the largest power of two that still gives an epoch of `n_examples` at least 250
+    steps, but not below 8: 8 for 2000 examples, 32 for 10 000, 128 from 32 000 on."""
+    size = MAX_BATCH_SIZE
+    while size > MIN_BATCH_SIZE and n_examples // size < MIN_STEPS_PER_EPOCH:
+        size //= 2
+    return size
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 128
-    optimizer: str = "sgd"  # "sgd" (momentum 0.9, nesterov) or "adam"
-    lr: float | None = None  # default 0.05 for SGD, 1e-3 for Adam
-    weight_decay: float | None = None  # default 5e-4 for SGD, 0 for Adam
+    batch_size: int | None = None  # None: default_batch_size(len(train_data))
+    optimizer: str = DEFAULT_OPTIMIZER  # "adam" or "sgd" (momentum 0.9, nesterov)
+    lr: float | None = None  # default 3e-3 for Adam, 0.05 for SGD
+    weight_decay: float | None = None  # default 0 for Adam, 5e-4 for SGD
     schedule: str = "cosine"  # "cosine", "step" (x0.1 at 50% and 75%) or "none"
-    warmup_epochs: int = 0
+    warmup_epochs: float = DEFAULT_WARMUP_EPOCHS  # linear warm-up from 0, in epochs (fractions allowed)
     augment: bool = False  # random shifts by up to 1/8 of the side (and flips if `flip`)
     flip: bool = False
     label_smoothing: float = 0.0
     seed: int = 0
     channels_last: bool | None = None  # None: on for models with 2-d convolutions (up to 2x faster on CPU)
 
-    def resolved(self) -> TrainConfig:
+    def resolved(self, n_examples: int | None = None) -> TrainConfig:
+        """The config with every default filled in (the batch size needs `n_examples`)."""
         cfg = TrainConfig(**asdict(self))
         if cfg.optimizer not in ("sgd", "adam"):
             raise UsageError(f"optimizer must be sgd or adam, not {cfg.optimizer!r}")
         if cfg.schedule not in ("cosine", "step", "none"):
             raise UsageError(f"schedule must be cosine, step or none, not {cfg.schedule!r}")
-        if cfg.epochs < 1 or cfg.batch_size < 1:
+        if cfg.batch_size is None and n_examples is not None:
+            cfg.batch_size = default_batch_size(n_examples)
+        if cfg.epochs < 1 or (cfg.batch_size is not None and cfg.batch_size < 1):
             raise UsageError("epochs and batch size must be at least 1")
+        if not cfg.warmup_epochs >= 0:
+            raise UsageError(f"warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
         if cfg.lr is None:
-            cfg.lr = 0.05 if cfg.optimizer == "sgd" else 1e-3
+            cfg.lr = DEFAULT_LR[cfg.optimizer]
         if cfg.weight_decay is None:
-            cfg.weight_decay = 5e-4 if cfg.optimizer == "sgd" else 0.0
+            cfg.weight_decay = DEFAULT_WEIGHT_DECAY[cfg.optimizer]
         return cfg
 
 
@@ -132,7 +160,7 @@ def _lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     total = cfg.epochs * steps_per_epoch
     warm = cfg.warmup_epochs * steps_per_epoch
     if step < warm:
-        return (step + 1) / warm
+        return min(1.0, (step + 1) / warm)
     if cfg.schedule == "none":
         return 1.0
     frac = (step - warm) / max(total - warm, 1)
@@ -175,6 +203,7 @@ def train(model: nn.Module, train_data, test_data, config: TrainConfig, out: str
     classes = num_classes or int(y_train.max().item()) + 1
     if int(y_train.min().item()) < 0:
         raise UsageError("the training data has no labels (label -1): pick a labelled data set")
+    cfg = cfg.resolved(x_train.shape[0])
     steps_per_epoch = (x_train.shape[0] + cfg.batch_size - 1) // cfg.batch_size
     opt = _optimizer(model, cfg)
     history: list[dict[str, Any]] = []

@@ -24,10 +24,15 @@ from ..options import (
 @click.option("--test-data", default=None, metavar="DATA", help="Test data set (default: the test split of --data).")
 @click.option("--epochs", type=click.IntRange(1), required=True, help="Number of epochs (a re-run continues to it).")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Weights file (.pt or .safetensors).")
-@click.option("--optimizer", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True)
-@click.option("--lr", type=float, default=None, help="Learning rate [default: 0.05 SGD, 0.001 Adam].")
-@click.option("--weight-decay", type=float, default=None, help="[default: 5e-4 SGD, 0 Adam]")
-@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True)
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True,
+              help="Adam, or SGD with Nesterov momentum 0.9.")
+@click.option("--lr", type=float, default=None,
+              help="Peak learning rate, reached after a linear warm-up over the first 0.2 epochs  "
+                   "[default: 0.003 Adam, 0.05 SGD].")
+@click.option("--weight-decay", type=float, default=None, help="[default: 0 Adam, 5e-4 SGD]")
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="[default: 128, halved down to 8 until an epoch has at least 250 steps: 8 for the "
+                   "2000 images of --data bundled, 128 from 32 000 images on]")
 @click.option("--schedule", type=click.Choice(["cosine", "step", "none"]), default="cosine", show_default=True)
 @click.option("--augment/--no-augment", default=False, show_default=True, help="Random shifts by up to 1/8 of the side.")
 @click.option("--flip/--no-flip", default=False, show_default=True, help="With --augment: random horizontal flips.")
@@ -40,7 +45,11 @@ from ..options import (
 @json_option
 def command(model, weights, model_args, data, test_data, epochs, out, optimizer, lr, weight_decay, batch_size,
             schedule, augment, flip, limit, restart, stop_after, seed, device, as_json) -> None:
-    """Train MODEL on DATA, writing OUT after every epoch and resuming from it when re-run."""
+    """Train MODEL on DATA, writing OUT after every epoch and resuming from it when re-run.
+
+    Default recipe: Adam at 0.003, warm-up over 0.2 epochs then cosine decay, batch size by the
+    size of DATA (see --batch-size). On --data bundled, 2 epochs reach about 75% test accuracy
+    for zoo:mlp and 69% for zoo:minception."""
     from pathlib import Path
 
     from ...training import TrainConfig, train
