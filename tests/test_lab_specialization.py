@@ -1,11 +1,19 @@
 import json
 
+import numpy as np
 import pytest
 
 from netanatomy.cli.commands.lab import parse_seeds
 from netanatomy.cli.main import run
 from netanatomy.errors import UsageError
-from netanatomy.labs.specialization import ANCHOR, QUICK, LabSettings, open_lab_data, results_markdown
+from netanatomy.labs.specialization import (
+    ANCHOR,
+    QUICK,
+    LabSettings,
+    open_lab_data,
+    record_data_used,
+    results_markdown,
+)
 from netanatomy.labs.stages import read_stage, run_stage, settings_key
 
 STAGES = ("train", "clusters", "importance", "coherence")
@@ -33,9 +41,15 @@ def test_quick_lab_runs_resumes_and_recomputes_what_changed(tmp_path, capsys):
     (row,) = doc["rows"]
     assert ROW_KEYS <= set(row) and row["seed"] == 0 and row["shuffles"] == QUICK.shuffles
     assert 0.3 < row["test_accuracy"] <= 1.0  # one epoch on 3000 examples is far above chance (0.1)
-    assert row["ncut"] > 0 and row["shuffled_std"] > 0 and 1 / 6 <= row["p"] <= 1
-    assert row["z"] == pytest.approx((row["ncut"] - row["shuffled_mean"]) / row["shuffled_std"])
-    assert row["sub_clusters"] > 0 and 0 <= row["important"] <= row["sub_clusters"]
+    # the row's statistics, recomputed from the raw shuffled n-cuts the clusters stage kept
+    ncuts = np.array(json.loads((out / "seed_0/clusters.json").read_text())["result"]["ncuts"])
+    assert len(ncuts) == QUICK.shuffles
+    assert row["shuffled_mean"] == pytest.approx(ncuts.mean()) and row["shuffled_std"] == pytest.approx(ncuts.std())
+    assert row["z"] == pytest.approx((row["ncut"] - ncuts.mean()) / ncuts.std())
+    assert row["p"] == pytest.approx((np.sum(ncuts <= row["ncut"]) + 1) / (len(ncuts) + 1))
+    # with 4 random sets the smallest p is 1/5: no sub-cluster can pass BH at q < 0.05
+    assert row["sub_clusters"] > 0 and row["important"] == 0 and row["class_specific"] == 0
+    assert row["coherent"]["any"] == 0
     assert set(row["coherent"]) == {"dataset", "correlation", "visualization_entropy", "visualization_objective",
                                     "any"}
     assert set(row["fisher"]) >= {"importance_drop", "coherence_visualization_entropy"}
@@ -116,6 +130,23 @@ def test_quick_falls_back_to_bundled_sample_only_in_quick_mode(monkeypatch, tmp_
     assert data.spec == "bundled" and "bundled" in data.note and len(data.test) == QUICK.test_limit
     with pytest.raises(UsageError, match="Fashion-MNIST"):
         open_lab_data(LabSettings())
+    # what is recorded is the data used, so that the recorded command gives the same results
+    used, command = record_data_used(QUICK, data, "netanatomy lab specialization --out o --data fashion-mnist --quick")
+    assert used.data == "bundled" and command == "netanatomy lab specialization --out o --data bundled --quick"
+    assert record_data_used(QUICK, data, "netanatomy lab specialization")[1].endswith(" --data bundled")
+    real = open_lab_data(LabSettings(data="bundled", test_limit=10))
+    assert record_data_used(LabSettings(data="bundled"), real, "x --data bundled") == (LabSettings(data="bundled"),
+                                                                                    "x --data bundled")
+
+
+def test_quick_lab_on_the_fallback_records_bundled(monkeypatch, tmp_path, capsys):
+    import netanatomy.data.spec as spec
+
+    monkeypatch.setattr(spec, "DEFAULT_FASHION_MNIST_DIR", tmp_path / "absent")
+    doc = lab(capsys, "--out", str(tmp_path / "lab"), "--shuffles", "1", "--random", "1", "--steps", "1")
+    assert doc["data"]["spec"] == "bundled" and "not available" in doc["data"]["note"]
+    assert doc["settings"]["data"] == "bundled"
+    assert "--data bundled" in doc["command"] and "fashion-mnist" not in doc["command"]
 
 
 def test_results_markdown_puts_rows_beside_the_anchor():

@@ -282,6 +282,22 @@ def _coherence_stage(run: SeedRun, settings: LabSettings, data: LabData, module,
 # The whole lab
 
 
+def record_data_used(settings: LabSettings, data: LabData, command: str | None) -> tuple[LabSettings, str | None]:
+    """The settings and command line as run: when --quick fell back to the bundled sample,
+    `data` (and the command's `--data`) name the bundled sample, not the files that were
+    missing, so that the recorded command reproduces the results. The note says why."""
+    if data.spec == settings.data:
+        return settings, command
+    if command is not None:
+        parts = command.split(" ")
+        if "--data" in parts[:-1]:
+            parts[parts.index("--data") + 1] = data.spec
+        else:
+            parts += ["--data", data.spec]
+        command = " ".join(parts)
+    return replace(settings, data=data.spec), command
+
+
 def run_specialization(out: str | Path, settings: LabSettings = FULL, *, device: str | torch.device = "cpu",
                        show_progress: bool = True, log: Callable[[str], None] | None = None,
                        command: str | None = None) -> dict[str, Any]:
@@ -303,6 +319,7 @@ def run_specialization(out: str | Path, settings: LabSettings = FULL, *, device:
     data = open_lab_data(settings)
     if data.note:
         say(data.note)
+    settings, command = record_data_used(settings, data, command)
     rows = []
     for seed in settings.seeds:
         run = SeedRun(seed, out / f"seed_{seed}")
@@ -472,5 +489,6 @@ def with_overrides(base: LabSettings, **overrides: Any) -> LabSettings:
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-__all__ = ["ANCHOR", "FULL", "QUICK", "LabSettings", "open_lab_data", "results_markdown", "run_specialization",
+__all__ = ["ANCHOR", "FULL", "QUICK", "LabSettings", "open_lab_data", "record_data_used", "results_markdown",
+           "run_specialization",
            "seed_row", "summary_lines", "train_config", "with_overrides"]

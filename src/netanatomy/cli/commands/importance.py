@@ -24,7 +24,7 @@ from ..options import (
               help="Clusters JSON written by `netanatomy clusters --out`.")
 @click.option("--data", required=True, metavar="DATA", help="Labelled data set (its test split), e.g. fashion-mnist.")
 @click.option("--random", "n_random", type=click.IntRange(1), default=99, show_default=True,
-              help="Random same-size sets per sub-cluster (the smallest p is 1/(R+1); DESIGN asks R >= 19).")
+              help="Random same-size sets per sub-cluster (the smallest p is 1/(R+1): 0.01 at 99, 0.05 at 19).")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N test examples.")
 @click.option("--batch-size", type=click.IntRange(1), default=1000, show_default=True)
 @click.option("--exact", is_flag=True, help="Run lesions as masked forwards only (no low-rank update).")

@@ -46,7 +46,7 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 @click.option("--k", type=click.IntRange(2), default=None, help="Clusters  [default: 12].")
 @click.option("--shuffles", type=click.IntRange(0), default=None, help="Shuffled networks per seed  [default: 50].")
 @click.option("--random", "n_random", type=click.IntRange(1), default=None,
-              help="Random same-size sets per sub-cluster  [default: 19].")
+              help="Random same-size sets per sub-cluster  [default: 99].")
 @click.option("--steps", type=click.IntRange(1), default=None, help="Render steps (visualization)  [default: 256].")
 @click.option("--data", default=None, metavar="DATA", help="Data set  [default: fashion-mnist, Debian's files].")
 @click.option("--quick", is_flag=True,
