@@ -183,11 +183,23 @@ def test_reservoir_is_uniform_and_seeded():
 
 
 def test_state_size_does_not_grow_with_stream():
-    model = _model()
-    small = accumulator_bytes(model, "join", input_shape=(3, 8, 8))
-    assert small == accumulator_bytes(model, "join", input_shape=(3, 8, 8))
-    # 6 units: moments + 6x6 covariance + top-10 + 5000-row reservoir, in a few hundred kB
-    assert small < 300_000
+    """The accumulators hold the same bytes after 200 rows as after 20 000."""
+    from netanatomy.core.streaming import StreamingTopK
+
+    sizes = []
+    for n in (200, 20000):
+        moments, topk, reservoir = StreamingMoments(6), StreamingTopK(6, 10, 2), Reservoir(6, 100, seed=0)
+        g = torch.Generator().manual_seed(0)
+        for start in range(0, n, 100):
+            rows = torch.randn(100, 6, generator=g)
+            idx = torch.arange(start, start + 100)
+            moments.update(rows.double())
+            topk.update(rows, idx, torch.zeros(100, 6, 2, dtype=torch.long))
+            reservoir.update(rows.numpy(), idx.numpy(), idx.numpy())
+        sizes.append((moments.nbytes(), topk.nbytes(), reservoir.nbytes()))
+    assert sizes[0] == sizes[1]
+    # 6 units: moments + 6x6 covariance + 5000-row reservoir, in a few hundred kB
+    assert accumulator_bytes(_model(), "join", input_shape=(3, 8, 8)) < 300_000
 
 
 def test_bad_inputs_are_usage_errors(data):

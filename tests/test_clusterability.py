@@ -99,7 +99,6 @@ def test_shuffled_graph_is_seeded():
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from netanatomy.core.graphs import edge_matrix, fold_batchnorm  # noqa: E402
 from netanatomy.models.layers import discover_layers  # noqa: E402
 from netanatomy.specialization.clusters import cluster_model, layer_display_names  # noqa: E402
 from netanatomy.specialization.extract import weight_network  # noqa: E402
@@ -153,8 +152,14 @@ def test_weight_network_follows_cat_residual_flatten_and_folds_batchnorm():
     edges = {e.dst: e for e in net.edges}
     assert edges["mix"].sources == (("a", 0, 2), ("b", 2, 5))
     assert set(edges["head"].sources) == {("mix", 0, 5), ("a", 0, 2), ("b", 2, 5)}
-    folded = fold_batchnorm(model.stem.weight, model.bn.weight, model.bn.running_var, model.bn.eps)
+    # written out here rather than with the library's own fold_batchnorm / edge_matrix
+    with torch.no_grad():
+        scale = model.bn.weight / torch.sqrt(model.bn.running_var + model.bn.eps)
+        folded = (model.stem.weight * scale[:, None, None, None]).numpy()
+        head_l1 = model.head.weight.abs().reshape(6, 5, 2, 2).sum(dim=(2, 3)).numpy()  # channel-major flatten
     np.testing.assert_allclose(edges["stem"].weight, folded, rtol=1e-6)
     g = net.graph()
     head = [b for b in g.blocks if g.layers[b.dst] == "head" and g.layers[b.src] == "a"][0]
-    np.testing.assert_allclose(head.weights, edge_matrix(model.head.weight, 5)[:, 0:2], rtol=1e-6)
+    np.testing.assert_allclose(head.weights, head_l1[:, 0:2], rtol=1e-6)
+    stem = [b for b in g.blocks if g.layers[b.dst] == "stem"][0]
+    np.testing.assert_allclose(stem.weights, np.abs(folded).sum(axis=(2, 3)), rtol=1e-6)   # L1 per kernel

@@ -71,7 +71,8 @@ def test_mean_pair_correlation_matches_scipy():
     expected0 = (rho.sum() - 3) / 6
     got = mean_pair_correlation(r2, sets)
     assert got[0] == pytest.approx(expected0)
-    assert r2[4].sum() == 0.0 and got[1] == pytest.approx(r2[3, 5] / 3)
+    # unit 4 has no variance: its pairs count 0, so the set {3, 4, 5} averages one pair over three
+    assert r2[4].sum() == 0.0 and got[1] == pytest.approx(sps.spearmanr(v[:, 3], v[:, 5]).statistic ** 2 / 3)
 
 
 def planted_class_mlp(hidden: int = 64, seed: int = 0) -> MLP:
@@ -147,7 +148,9 @@ def test_visualization_scores_standardize_per_unit():
 
 def test_prediction_entropy_and_scaled_transforms():
     np.testing.assert_allclose(prediction_entropy(torch.zeros(2, 8)), [3.0, 3.0])
-    assert 0 < prediction_entropy(torch.tensor([[200.0, 0.0]]))[0] < 1e-80  # float64: small, not 0
+    # logits (200, 0): p1 = 1 / (1 + e^200), entropy = p1 (200 + 1) / ln 2 to first order (float64: not 0)
+    p1 = 1.0 / (1.0 + np.exp(200.0))
+    assert prediction_entropy(torch.tensor([[200.0, 0.0]]))[0] == pytest.approx(p1 * 201 / np.log(2), rel=1e-9)
     t = scaled_transforms(28, 28)
     assert (t.pad, t.jitter, t.jitter2, t.scale, t.angle) == (2, 1, 1, (0.9, 1.1), (-10.0, 10.0))
     assert scaled_transforms(224, 224).pad == 12

@@ -102,8 +102,11 @@ def test_banded_layer_pictures_show_stripes(tmp_path: Path):
     assert sorted(order.tolist()) == list(range(32))
     grid = picture_grid(pics, order=order, scale=8)
     out = save_png(grid, tmp_path / "banded.png")
-    assert out.stat().st_size > 0
-    save_png(grid, "/tmp/netanatomy_nmf_banded.png")
+    from PIL import Image
+
+    back = np.asarray(Image.open(out))                                  # the picture, as written
+    assert back.shape == grid.shape and back.dtype == np.uint8
+    assert np.abs(back / 255.0 - grid).max() <= 0.5 / 255 + 1e-9
 
 
 def test_shared_factors_give_consistent_colours():

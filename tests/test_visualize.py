@@ -9,7 +9,6 @@ from torch import nn
 
 from netanatomy.cli.main import run
 from netanatomy.errors import UsageError
-from netanatomy.util.io import save_png
 from netanatomy.visualize import (
     NO_TRANSFORMS,
     TransformConfig,
@@ -205,7 +204,6 @@ def test_objective_values_match_a_direct_computation(planted):
 def test_red_unit_renders_red(planted):
     result = render(planted, [channel("colour", 0), channel("colour", 1)], steps=160, seed=0)
     red, green = result.images[0], result.images[1]
-    save_png(to_hwc(red), "/tmp/netanatomy_render_red.png")
     r, g, b = red.mean((1, 2)).tolist()
     assert r > g + 0.3 and r > b + 0.3, (r, g, b)
     r2, g2, b2 = green.mean((1, 2)).tolist()
@@ -218,7 +216,6 @@ def test_red_unit_renders_red(planted):
 def test_stripe_unit_renders_horizontal_stripes(planted):
     result = render(planted, channel("stripes", 0), steps=160, seed=1)
     grey = result.images[0].mean(0)
-    save_png(grey.numpy(), "/tmp/netanatomy_render_stripes.png")
     along_y, along_x, _ = _orientation_energy(grey)
     assert along_y > 2 * along_x, (along_y, along_x)
     # at the filter's frequency (1/4 cycle per pixel): stripes across y, hardly any across x

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from netanatomy.errors import UsageError
+from netanatomy.models.layers import discover_layers
 from netanatomy.models.zoo import entries, get_entry
 from netanatomy.models.zoo.alexnet import AlexNet
 from netanatomy.models.zoo.bandingnet import VARIANTS, BandingNet, CoordConv2d, MaskedAvgPool, XPool, coordinate_map
@@ -388,13 +389,12 @@ def test_minception_configurations(kwargs, shape):
 
 
 def test_discovery_sees_branches_and_towers():
-    layers_mod = pytest.importorskip("netanatomy.models.layers")
-    layers = layers_mod.discover_layers(Minception())
+    layers = discover_layers(Minception())
     mixed1 = layers.resolve("mixed1")
     assert mixed1.kind == "concat"
     assert [(b.start, b.stop) for b in mixed1.branches] == [(0, 16), (16, 40), (40, 48), (48, 56)]
-    towers = layers_mod.discover_layers(AlexNet(small=True, width=0.25))
+    towers = discover_layers(AlexNet(small=True, width=0.25))
     assert len(towers.resolve("conv1").branches) == 2
     assert len(towers.resolve("conv2").branches) == 2
-    coord = layers_mod.discover_layers(BandingNet("coordconv", width=4))
+    coord = discover_layers(BandingNet("coordconv", width=4))
     assert not coord.of_kind("residual")
