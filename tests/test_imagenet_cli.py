@@ -77,7 +77,7 @@ def test_param_size_makes_a_small_image_and_upsamples_it(kind):
     assert big.raw.shape == small.raw.shape                 # the free values are those of an 8 px image
     torch.testing.assert_close(big.raw, small.raw)          # the same seeds give the same start
     image = big()
-    assert image.shape == (2, 3, 16, 16) and 0 <= float(image.detach().min()) and float(image.detach().max()) <= 1
+    assert image.shape == (2, 3, 16, 16)
     torch.testing.assert_close(image, F.interpolate(small(), size=(16, 16), mode="bilinear", align_corners=True))
     image[:, :, 5, 11].sum().backward()                     # differentiable through the upsampling
     assert big.raw.grad is not None and float(big.raw.grad.abs().sum()) > 0

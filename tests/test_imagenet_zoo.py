@@ -82,7 +82,9 @@ def test_architecture_has_exactly_the_file_key_layout(name):
     expected = {k: tuple(v.shape) for k, v in state.items()}
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
     assert "normalize.mean" not in model.state_dict()          # normalization stays out of the file
-    assert model.load_state_dict(state, strict=True) is not None
+    result = model.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
 
 @pytest.mark.parametrize("name", MODELS)

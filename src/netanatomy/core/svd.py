@@ -73,7 +73,7 @@ def _order(coords: Tensor) -> Tensor:
 def abs_svd(weights: Tensor, *, center: bool = False) -> AbsSVD:
     """SVD of |W| summed over positions, with a deterministic sign per singular pair.
 
-    center=False (DESIGN): the raw M, whose vector 0 mixes overall connection strength with
+    center=False (the method as defined): the raw M, whose vector 0 mixes overall connection strength with
     the main split; center=True removes M's grand mean first, so vector 0 is the main
     contrast between groups of units.
     """

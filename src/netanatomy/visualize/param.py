@@ -1,6 +1,6 @@
 """Image parameterizations: what the optimizer changes, and how that becomes an image in [0, 1].
 
-Following Lucid's recipe (DESIGN.md, "Feature visualization"): the image lives in Fourier
+Following Lucid's recipe (docs/methods.md, "Feature visualization"): the image lives in Fourier
 space with every frequency scaled by 1/f (decay power 1), so that a step of the optimizer
 changes all frequencies alike in visual terms and high-frequency noise does not win; colour
 channels are decorrelated with the square root of ImageNet's colour covariance (3 channels

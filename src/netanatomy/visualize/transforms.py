@@ -2,7 +2,7 @@
 
 An image that excites a unit only at one exact pixel alignment is adversarial noise, not a
 feature; optimizing through random jitter, scaling and rotation keeps what survives them.
-Lucid's chain (DESIGN.md) is pad 12 (value 0.5), jitter 8, scale 0.90-1.10, rotate -10..10
+Lucid's chain (docs/methods.md) is pad 12 (value 0.5), jitter 8, scale 0.90-1.10, rotate -10..10
 degrees, jitter 4. Lucid applies it step by step and lets the image size vary with the scale;
 here the whole chain is composed into one affine map per image and sampled once (bilinear)
 at a fixed output size, so that a batch stays rectangular, models that take one input size
