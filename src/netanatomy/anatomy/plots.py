@@ -8,7 +8,7 @@ import numpy as np
 from ..core.pictures import filters_to_rgb
 from .svd import SVDReport
 
-__all__ = ["svd_placement_figure"]
+__all__ = ["kernel_energy_figure", "svd_placement_figure"]
 
 
 def svd_placement_figure(report: SVDReport) -> Any:
@@ -45,4 +45,44 @@ def svd_placement_figure(report: SVDReport) -> Any:
         axes[0].update_datalim(xy)
         axes[0].autoscale_view()
     fig.tight_layout()
+    return fig
+
+
+def kernel_energy_figure(kernels: Any, units: Any, *, title: str, subtitle: str = "", columns: int = 8) -> Any:
+    """The kernels [N, kh, kw] of the given units drawn on one shared diverging scale, each
+    labelled with its unit number, its share of the layer's energy and its own H and V (the
+    banding score's row and column shares): which kernels carry a layer's banding score."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    k = np.asarray(kernels, dtype=np.float64)
+    n = k.shape[0]
+    centred = k - k.mean(axis=(1, 2), keepdims=True)
+    total = (centred ** 2).sum(axis=(1, 2))
+    rows = centred.sum(axis=2) ** 2 / k.shape[2]
+    cols = centred.sum(axis=1) ** 2 / k.shape[1]
+    h = rows.sum(axis=1) / np.maximum(total, 1e-300)
+    v = cols.sum(axis=1) / np.maximum(total, 1e-300)
+    share = np.asarray(units.get("share")) if isinstance(units, dict) else None
+    labels = units["units"] if isinstance(units, dict) else list(units)
+    columns = min(columns, n)
+    grid_rows = -(-n // columns)
+    fig, axes = plt.subplots(grid_rows, columns, figsize=(1.35 * columns + 1.2, 1.55 * grid_rows + 1.1), squeeze=False)
+    scale = float(np.abs(k).max()) or 1.0
+    image = None
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= n:
+            ax.axis("off")
+            continue
+        image = ax.imshow(k[i], cmap="RdBu_r", vmin=-scale, vmax=scale, interpolation="nearest")
+        energy = f"{100 * share[i]:.1f}% " if share is not None else ""
+        ax.set_title(f"unit {labels[i]}\n{energy}H {h[i]:.2f} V {v[i]:.2f}", fontsize=7.5)
+    fig.suptitle(title + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
+    if image is not None:
+        bar = fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.025, pad=0.02)
+        bar.set_label("weight (batch norm folded), shared scale", fontsize=8)
     return fig
