@@ -44,7 +44,17 @@ def svd_placement_figure(report: SVDReport) -> Any:
             axes[0].add_artist(AnnotationBbox(box, (x, y), frameon=False))
         axes[0].update_datalim(xy)
         axes[0].autoscale_view()
-    fig.tight_layout()
+    through = "expanded weights" in (report.note or "")
+    matrix = f"expanded weights {report.lower} -> {report.upper}" if through else f"{report.upper}'s |W|"
+    fig.suptitle(f"SVD of |W| ({matrix}, summed over positions{', centred' if svd.centered else ''}): "
+                 f"units placed by singular vectors 0 and 1", fontsize=11)
+    caption = "grey points: units; "
+    if report.filters is not None:
+        caption = (f"left: each {report.lower} unit drawn as its filter, as the RGB image it responds to most "
+                   "(grey = 0, per filter 0.5 + w / 2 max|w|); ")
+    caption += "coordinates: the unit's entry in each singular vector (sign fixed so the largest entry is positive)"
+    fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=8, wrap=True)
+    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
     return fig
 
 
