@@ -15,10 +15,12 @@ test set as one tensor, batches of 1000). Against it, what is left is pure arith
 sub-clusters sit in fc1, whose lesions must still run fc2..fc5 in full, which caps the gain
 near 3.5x for this network.
 Ours (timed from the Dataset, so loading the test set once is included), as `importance` runs
-it: the model in its own float32, near-tie predictions recomputed in float64 (certified mixed
-precision, see specialization/lesion.py): netanatomy.specialization.lesion.LesionEvaluator, one per layer, all of the layer's
-lesions at once: the prefix below the layer runs once, the linear layer after it is updated by
-z - W[:, S] h[S], and the rest runs on masks x examples rows.
+it: netanatomy.specialization.lesion.LesionEvaluator, one per layer, all of the layer's lesions
+at once: the prefix below the layer runs once (in float64, rounded to float32), the linear
+layer after it is updated by z - W[:, S] h[S], and the rest runs on masks x examples rows in
+the model's float32 with a rigorous per-row error bound; the predictions the bound cannot
+certify are recomputed in float64, and 64 certified rows per batch are re-checked in float64
+("certified" mixed precision, see specialization/lesion.py).
 Threads: both sides run with the same number of torch/BLAS threads, by default all of the
 machine's cores (torch's default); `--threads 1` compares one core against one core.
 agree: the per-class correct counts of every lesion are identical to both references, which
@@ -143,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     x, y = ds.tensors()
     ours: dict[int, torch.Tensor] = {}
-    refined = 0
+    refined = checked = disagreements = 0
+    modes = set()
     for layer_name in dict.fromkeys(layer for layer, _ in lesions):
         index = [i for i, (layer, _) in enumerate(lesions) if layer == layer_name]
         layer = layer_map.resolve(layer_name)
@@ -151,10 +154,14 @@ def run(args: argparse.Namespace) -> int:
         evaluator = LesionEvaluator(model32, layer, x, y, num_classes=classes, batch_size=2000, refine=True)
         counts = evaluator.correct(torch.from_numpy(masks))
         refined += evaluator.refined_rows
+        checked += evaluator.checked_rows
+        disagreements += evaluator.disagreements
+        modes.add(evaluator.precision_mode)
         ours.update({i: counts[j] for j, i in enumerate(index)})
     ours_s = time.perf_counter() - t0
-    print(f"ours: {ours_s:.2f}s ({evaluator.method}; {refined} of {len(lesions) * len(ds)} predictions "
-          f"recomputed in float64)", file=sys.stderr)
+    print(f"ours: {ours_s:.2f}s ({evaluator.method}, {'/'.join(sorted(modes))}; {refined} of "
+          f"{len(lesions) * len(ds)} predictions recomputed in float64, {checked} more checked in float64, "
+          f"{disagreements} disagreements)", file=sys.stderr)
     x = x.double()
 
     t0 = time.perf_counter()
@@ -186,8 +193,12 @@ def run(args: argparse.Namespace) -> int:
         "random_sets": n_random,
         "model": model_name,
         "data": f"{data_name}, {len(ds)} images",
-        "dtype": "ours float32 + float64 near-tie recomputation; references float64",
+        "dtype": "ours float32 with float64 prefix, certified by error bounds (uncertified rows in float64); "
+                 "references float64",
+        "precision": sorted(modes),
         "refined_predictions": refined,
+        "checked_predictions": checked,
+        "check_disagreements": disagreements,
         "threads": args.threads,
     }
     print(json.dumps(result))

@@ -11,9 +11,13 @@ Each sub-cluster (a cluster's units in one layer, 2 <= size <= 0.99 of the layer
   "this set does F times the damage of a random set of its size";
 - Fisher's method across a network's sub-clusters (one p per statistic), and
   Benjamini-Hochberg q-values across all tests (sub-clusters x statistics).
-Accuracies are those of a float64 evaluation whatever the model's dtype: lesions run in the
-model's precision and near-tie predictions are recomputed in float64 (see `lesion.py`), so
-two runs, or two evaluation orders, cannot disagree on a rounding.
+Accuracies are meant to be those of a float64 evaluation whatever the model's dtype: lesions
+run in the model's precision and the predictions float32 cannot decide are recomputed in
+float64 (see `lesion.py`). Where the model's suffix is bounded ("certified": by default models
+without convolutions) this is guaranteed; elsewhere ("sampled") near-ties are recomputed and a seeded sample of the other
+predictions is checked in float64 on every run, a miss recomputing the whole batch. The JSON
+says per layer which path ran (`lesion_method`) and which precision mode, with the rows checked
+and the disagreements found (`lesion_precision`).
 """
 from __future__ import annotations
 
@@ -109,6 +113,7 @@ class ImportanceResult:
     seed: int
     tests: list[LesionTest]
     methods: dict[str, str] = field(default_factory=dict)  # layer -> how lesions ran (fx-delta, fx, hook)
+    precision: dict[str, dict[str, Any]] = field(default_factory=dict)  # layer -> LesionEvaluator.precision
 
     @property
     def fisher_drop(self) -> float:
@@ -124,6 +129,7 @@ class ImportanceResult:
             "seed": self.seed, "sub_clusters": [t.to_json() for t in self.tests],
             "fisher": {"drop": self.fisher_drop, "specificity": self.fisher_specificity},
             "lesion_method": self.methods,
+            "lesion_precision": self.precision,
         }
 
 
@@ -151,8 +157,11 @@ def lesionable_layers(layer_map: LayerMap) -> dict[str, int]:
 def importance(model: nn.Module, layer_map: LayerMap, clusters: Sequence[Cluster], x: torch.Tensor, y: torch.Tensor,
                *, n_random: int = 99, seed: int = 0, num_classes: int | None = None, batch_size: int = 1000,
                device: str | torch.device | None = None, exact: bool = False,
-               on_layer: Callable[[str], None] | None = None) -> ImportanceResult:
+               on_layer: Callable[[str], None] | None = None, precision: str = "auto") -> ImportanceResult:
     """Lesion every sub-cluster of `clusters` and R random same-size sets; see the module docstring.
+
+    `precision`: "auto", "certified" or "sampled", how float32 counts are made float64's (see
+    `LesionEvaluator`).
 
     All of one layer's lesions (sub-clusters and their random sets) run as one batch of masks
     on a model split at that layer.
@@ -170,7 +179,7 @@ def importance(model: nn.Module, layer_map: LayerMap, clusters: Sequence[Cluster
                          f"(lesionable layers: {', '.join(layers)})")
     totals = torch.bincount(y, minlength=num_classes).numpy()
     base = _base_counts(model, x, y, num_classes, batch_size, device)
-    tests, methods = [], {}
+    tests, methods, precisions = [], {}, {}
     for layer_name in dict.fromkeys(s.layer for s in subs):
         group = [s for s in subs if s.layer == layer_name]
         layer = layer_map.resolve(layer_name)
@@ -179,16 +188,19 @@ def importance(model: nn.Module, layer_map: LayerMap, clusters: Sequence[Cluster
             masks.append(s.mask()[None, :])
             masks.append(keep_masks(random_sets(s, n_random, seed), s.layer_units))
         evaluator = LesionEvaluator(model, layer, x, y, num_classes=num_classes, batch_size=batch_size,
-                                    device=device, exact=exact, refine=True)
+                                    device=device, exact=exact, refine=True, check_seed=seed,
+                                    precision=precision)
         methods[layer_name] = evaluator.method
         counts = evaluator.correct(torch.from_numpy(np.concatenate(masks))).numpy()
+        precisions[layer_name] = {**evaluator.precision, "fallback_reason": evaluator.fallback_reason}
         for i, s in enumerate(group):
             block = counts[i * (n_random + 1):(i + 1) * (n_random + 1)]
             tests.append(lesion_test(s, base, totals, block[0], block[1:]))
         if on_layer is not None:
             on_layer(layer_name)
     acc_c = base / np.maximum(totals, 1)
-    return ImportanceResult(float(base.sum() / totals.sum()), acc_c, n_random, seed, with_q_values(tests), methods)
+    return ImportanceResult(float(base.sum() / totals.sum()), acc_c, n_random, seed, with_q_values(tests), methods,
+                            precisions)
 
 
 def _base_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int,
