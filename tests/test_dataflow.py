@@ -122,7 +122,8 @@ def test_module_called_twice_is_named_by_call():
         def forward(self, x):
             return self.relu(self.b(self.relu(self.a(x))))
 
-    layers = discover_layers(Shared().eval(), (1, 8, 8))
+    model = Shared().eval()          # the layer map holds the model weakly: keep it alive
+    layers = discover_layers(model, (1, 8, 8))
     assert layers.resolve("relu").units == 3
     assert layers.resolve("relu@1").units == 5
     with pytest.raises(UsageError, match="called 2 time"):
@@ -163,3 +164,12 @@ def test_render_a_relu_module_by_name(tmp_path, capsys):
     result = json.loads(captured.out)
     assert result["layer"] == "det" and len(result["units"]) == 3
     assert len(list(Path(out).glob("*.png"))) >= 3
+
+
+def test_one_list_of_step_kinds_in_the_source():
+    """The modules a walk passes are listed once (models/dataflow.py); no other module keeps its
+    own copy of the activation list (the drift that made the two lesion paths disagree)."""
+    src = Path(__import__("netanatomy").__file__).parent
+    holders = [p.relative_to(src).as_posix() for p in src.rglob("*.py")
+               if "nn.ReLU6, nn.LeakyReLU" in p.read_text()]
+    assert holders == ["models/dataflow.py"]
