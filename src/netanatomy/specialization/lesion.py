@@ -35,7 +35,11 @@ tensors' storage.
 **Mixed precision** (`refine=True`, as `importance` runs it): the lesions run in the model's
 float32 and the counts are meant to be those of a float64 evaluation (the float64 twin: a
 float64 copy of the model on the float64 data). `precision` reports which of two modes ran
-and what it checked.
+and what it checked. `precision="auto"` (the default) certifies models without convolutions
+and samples the others: a certified run needs the prefix in float64, and float64
+convolutions on a CPU (no oneDNN) plus the looser conv bounds made certified runs of
+zoo:minception-fmnist 1.5-2.5x slower than sampled ones; `precision="certified"` certifies a
+conv model anyway (the bounds cover convs), `precision="sampled"` samples any model.
 - "certified": an fx split, a float32 model on a CPU whose float32 matmuls and convolutions
   are IEEE (torch's "highest" matmul precision, oneDNN without reduced-precision fp32 math;
   NNPACK, whose Winograd/FFT convolutions the bound does not cover, is switched off for the
@@ -55,8 +59,11 @@ and what it checked.
   largest of these for its top class, times 1 + 2^-10 (room for float64's own rounding and for
   the float32 arithmetic of the bound). A decided row's class is that of exact arithmetic on
   the float64 prefix values, hence the twin's; every other row is recomputed on the twin in
-  float64. This is sound, not a heuristic, as far as torch's kernels compute each sum in
-  float32 in some order (the standard model of floating-point arithmetic). A seeded sample of
+  float64 (in one batched float64 pass when more than a quarter of a batch's rows are
+  undecided). This is sound, not a heuristic, as far as torch's kernels compute each sum in
+  float32 in some order (the standard model of floating-point arithmetic). A step whose bound
+  needs real shapes (a linear layer on a 3-d tensor) is checked on the first batch, which then
+  switches to "sampled" and says why. A seeded sample of
   64 decided rows per batch of data is still recomputed in float64 as a self-test: a
   disagreement would be a bug; it is reported and recovered by recomputing the batch.
 - "sampled": every other case (the hook path, suffixes with other operations, GPUs, other
@@ -89,19 +96,14 @@ from ..models.layers import Layer, Tracer
 from ..models.layout import channels_last, prefers_channels_last
 from ..util.seeding import derive
 
-# What a unit's output is (see the module docstring); the lead will move these lists to the shared
-# walker in models/dataflow.py.
-_AFFINE_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_AFFINE_FUNCTIONS = {F.batch_norm}
-_ACTIVATION_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.PReLU,
-)
-_ACTIVATION_FUNCTIONS = {torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, torch.sigmoid, F.sigmoid, torch.tanh,
-                         F.tanh, F.gelu, F.silu, F.elu, F.leaky_relu, F.hardswish, F.mish, F.softplus, F.hardtanh,
-                         F.hardsigmoid}
-_ACTIVATION_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
-_TRANSPARENT_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+# What a unit's output is (see the module docstring): the kinds of steps come from the one list
+# in models/dataflow.py, shared with layer discovery, the weight graph and layer wiring.
+from ..models.dataflow import ACTIVATION_FUNCTIONS as _ACTIVATION_FUNCTIONS  # noqa: E402
+from ..models.dataflow import ACTIVATION_METHODS as _ACTIVATION_METHODS  # noqa: E402
+from ..models.dataflow import ACTIVATION_MODULES as _ACTIVATION_MODULES  # noqa: E402
+from ..models.dataflow import AFFINE_FUNCTIONS as _AFFINE_FUNCTIONS  # noqa: E402
+from ..models.dataflow import AFFINE_MODULES as _AFFINE_MODULES  # noqa: E402
+from ..models.dataflow import IDENTITY_MODULES as _TRANSPARENT_MODULES  # noqa: E402
 
 _CHECK_ROWS = 64         # rows of each batch recomputed in float64 as a check (at least)
 _CHECK_FRACTION = 0.01   # ... and at least this fraction of them in "sampled" mode
@@ -264,20 +266,12 @@ class LesionEvaluator:
             setting = getattr(getattr(mkldnn, part, None), "fp32_precision", "none")
             if setting not in ("none", "ieee"):
                 return None, f"oneDNN {part} fp32 precision is {setting!r}"
-        if self.x.shape[0] == 0:
-            return None, "no data"
         try:
-            bounds = _Bounds(self.split, self.layer.units)
-            probe = self._twin.x[:2].to(self.device)
-            masks = torch.ones((2, self.layer.units))
-            masks[1, : self.layer.units // 2] = 0
-            with torch.no_grad(), _evaluation(*self._models()), torch.backends.nnpack.flags(enabled=False):
-                prefix64 = self._twin.split.prefix(_root_pre_hooks(self._twin.model, probe))
-                for _ in self._certified_outputs(prefix64, masks, bounds):  # every step has a bound
-                    pass
+            # static checks here; shape-dependent ones (a linear layer on a 3-d tensor) on the first
+            # batch, which then switches to "sampled" (see _refined_batch)
+            return _Bounds(self.split, self.layer.units), None
         except _Unbounded as exc:
             return None, str(exc)
-        return bounds, None
 
     def _refined_batch(self, start: int, yb: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Counts of one batch of data that equal a float64 evaluation's (see the module docstring)."""
@@ -297,26 +291,40 @@ class LesionEvaluator:
             xb = self.x[start:start + self.batch_size].to(self.device)
             groups = ((m0, logits, None, None) for m0, logits in self._outputs(xb, masks))
         ties_m, ties_e = [], []
-        for m0, logits, top, close in groups:
-            if logits.dim() != 3 or logits.shape[2] < 2:
-                counts[m0:m0 + logits.shape[0]] += self._count(logits, yb)
-                continue
-            k = logits.shape[0]
-            if certified:
-                right = (top == yb.view(1, n)) & ~close
-            else:
-                right, close = _decided(logits, yb, self.refine_tol)
-            lo, hi = (int(i) for i in torch.searchsorted(sample, torch.tensor([m0 * n, (m0 + k) * n])))
-            if hi > lo:
-                flat = sample[lo:hi] - m0 * n
-                mi, ei = (flat // n).to(logits.device), (flat % n).to(logits.device)
-                s_close[lo:hi] = close[mi, ei].cpu()
-                s_top[lo:hi] = (top[mi, ei] if top is not None else logits[mi, ei].argmax(dim=-1)).cpu()
-            mi, ei = torch.nonzero(close, as_tuple=True)
-            ties_m.append((mi + m0).cpu())
-            ties_e.append(ei.cpu())
-            counts[m0:m0 + k] += self._tally(right, yb)
-        # one float64 pass over the undecided rows and the decided rows of the sample
+        try:
+            for m0, logits, top, close in groups:
+                self._tally_group(m0, logits, top, close, yb, n, certified, sample, s_top, s_close, ties_m, ties_e,
+                                  counts)
+        except _Unbounded as exc:   # a step without a bound only shows on real shapes: sample instead
+            self._bounds, self.precision_mode, self.precision_reason = None, "sampled", str(exc)
+            return self._refined_batch(start, yb, masks)
+        return self._finish_batch(start, yb, masks, counts, sample, s_top, s_close, ties_m, ties_e, prefix64)
+
+    def _tally_group(self, m0, logits, top, close, yb, n, certified, sample, s_top, s_close, ties_m, ties_e,
+                     counts) -> None:
+        """Count one group of masks' decided rows; note its undecided rows and its sampled rows."""
+        if logits.dim() != 3 or logits.shape[2] < 2:
+            counts[m0:m0 + logits.shape[0]] += self._count(logits, yb)
+            return
+        k = logits.shape[0]
+        if certified:
+            right = (top == yb.view(1, n)) & ~close
+        else:
+            right, close = _decided(logits, yb, self.refine_tol)
+        lo, hi = (int(i) for i in torch.searchsorted(sample, torch.tensor([m0 * n, (m0 + k) * n])))
+        if hi > lo:
+            flat = sample[lo:hi] - m0 * n
+            mi, ei = (flat // n).to(logits.device), (flat % n).to(logits.device)
+            s_close[lo:hi] = close[mi, ei].cpu()
+            s_top[lo:hi] = (top[mi, ei] if top is not None else logits[mi, ei].argmax(dim=-1)).cpu()
+        mi, ei = torch.nonzero(close, as_tuple=True)
+        ties_m.append((mi + m0).cpu())
+        ties_e.append(ei.cpu())
+        counts[m0:m0 + k] += self._tally(right, yb)
+
+    def _finish_batch(self, start, yb, masks, counts, sample, s_top, s_close, ties_m, ties_e, prefix64):
+        """One float64 pass over the undecided rows and the decided rows of the sample."""
+        M, n = masks.shape[0], yb.shape[0]
         checked = sample[~s_close]
         tie_m = torch.cat(ties_m) if ties_m else torch.zeros(0, dtype=torch.long)
         tie_e = torch.cat(ties_e) if ties_e else torch.zeros(0, dtype=torch.long)
@@ -358,7 +366,7 @@ class LesionEvaluator:
         if count == 0:
             return torch.zeros(0, dtype=torch.long)
         g = torch.Generator().manual_seed(derive(self.check_seed, "lesion-check", self.layer.name, start))
-        if total <= 1 << 22:
+        if total <= 1 << 16 or 4 * count > total:
             rows = torch.randperm(total, generator=g)[:count]
         else:
             rows = torch.randint(total, (count,), generator=g).unique()
@@ -397,9 +405,11 @@ class LesionEvaluator:
         rows = _LinearRows.of(split.delta, post) if split.delta is not None else None
         if isinstance(split.delta, nn.Linear) and rows is None:
             raise _Unbounded("the delta layer reads the units along another axis than its features")
+        # every mask's first-tensor bounds at once: one small product per batch, not per group
+        e_all = bounds.first_error(bounds.mask_coefficients(masks), masks.to(self.device, post.dtype), hsq_t, z_norm)
         for m0, mb, first in self._firsts(post, z_full, rows, masks):
             k = mb.shape[0]
-            e_first = bounds.first_error(mb, hsq_t, z_norm).reshape(k * n)
+            e_first = e_all[m0:m0 + k].reshape(k * n)
             others = [_per_mask(v, k) for v in rest]
             logits, top, close = bounds.run([first, *others], [e_first, *(e.repeat(k) for e in rest_err)])
             yield m0, logits.view(k, n, *logits.shape[1:]), top.view(k, n), close.view(k, n)
@@ -850,7 +860,12 @@ def _spectral(weight: torch.Tensor, key: str, matrices) -> torch.Tensor:
         if a.shape[-1] > _MAX_GRAM:
             raise _Unbounded(f"a {a.shape[-2]}x{a.shape[-1]} weight is too large to bound its norm")
         gram = a.transpose(-1, -2) @ a
-        top = torch.linalg.eigvalsh(gram)[..., -1].clamp(min=0)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)   # LAPACK's threaded eigensolver stalls on busy machines (1.5 s vs 3 ms)
+        try:
+            top = torch.linalg.eigvalsh(gram)[..., -1].clamp(min=0)
+        finally:
+            torch.set_num_threads(threads)
         # eigvalsh is backward stable: |error| <= p(k) u64 ||gram||, far below 1e-9 of the trace
         entry[1][key] = (top * (1 + 1e-9) + 1e-9 * gram.diagonal(dim1=-2, dim2=-1).sum(-1)).sqrt() * (1 + 1e-12)
     return entry[1][key]
@@ -1003,44 +1018,55 @@ class _Bounds:
             raise _Unbounded(f"no bound for a delta step through {type(delta).__name__}")
         w = delta.weight.detach().to("cpu", torch.float64)
         colsq = w.square().sum(dim=[d for d in range(w.dim()) if d != 1])  # ||W[:, j]||^2 [U]
-        self.colsq = (colsq * (1 + 1e-6)).float()
+        self.colsq = colsq * (1 + 1e-9)
         self.bias_norm = float(_f64(delta.bias, w[:, 0, ...].flatten()).norm()) * (1 + 1e-12)
 
-    def first_error(self, mb: torch.Tensor, hsq_t: torch.Tensor, z_norm: torch.Tensor | None) -> torch.Tensor:
-        """Bounds [k, n] of the error of the suffix's first tensor (see `_delta_forward`), whose
-        inputs are the float64 prefix values rounded to float32 (error <= u' |value|):
+    def mask_coefficients(self, masks: torch.Tensor) -> torch.Tensor | None:
+        """Per mask, the coefficients of `first_error` that depend on the mask alone (float32
+        [M, 4]: of ||z||, of ||h[S]||, of ||h[K]||, a constant), made once per `correct` call.
         - h * mask: u' ||h[K]||;
         - z - W[:, S] h[S] over s silenced units (K kernel positions): u' ||z|| + n_S u' ||h[S]|| +
-          gamma_{sK+1} (||z|| + n_S ||h[S]||), n_S = min(sqrt(K) ||W[:, S]||_F, N(W));
-        - b + W[:, K] h[K] (a linear layer, more than half silenced): n_K u' ||h[K]|| +
-          gamma_{w+1} (||b|| + n_K ||h[K]||).
-        Sums of squares come from one small float32 product, inflated by gamma_U."""
-        keep = mb.float()
-        grow = 1 + _gamma(keep.shape[1] + 1)
+          gamma_{sK+1} (||z|| + n_S ||h[S]||), n_S = min(sqrt(K) ||W[:, S]||_F, N(W)) (and N(|W|));
+        - b + W[:, K] h[K] (a linear layer, more than half silenced, see `_delta_forward`):
+          n_K u' ||h[K]|| + gamma_{w+1} (||b|| + n_K ||h[K]||)."""
+        keep = masks.detach().to("cpu", torch.float64)
+        coef = torch.zeros((keep.shape[0], 4), dtype=torch.float64)
         if self.delta is None:
-            return (keep @ hsq_t).mul_(grow).sqrt_().mul_(_U1).add_(_TINY)
+            coef[:, 2] = _U1
+            return coef.float()
         sil = 1 - keep
-        s = sil.sum(1).double()                                       # silenced per mask [k]
-        f_s = ((sil.double() @ self.colsq.double()) * grow).sqrt()    # ||W[:, S]||_F [k]
+        s = sil.sum(1)
         root = math.sqrt(self.kernel)
-        n_s = torch.clamp(root * f_s, max=self.norm_w)
-        n_s_abs = torch.clamp(root * f_s, max=self.norm_abs)
+        f_s = (sil @ self.colsq).sqrt()                                # ||W[:, S]||_F
         g = _gamma(s * self.kernel + 1)
-        h_s = (sil @ hsq_t).mul_(grow).sqrt_()                        # ||h[S]|| [k, n]
-        err = torch.addcmul((_U1 + g).float().unsqueeze(1) * z_norm.unsqueeze(0),
-                            (n_s * _U1 + g * n_s_abs).float().unsqueeze(1), h_s)
+        coef[:, 0] = _U1 + g
+        coef[:, 1] = (root * f_s).clamp(max=self.norm_w) * _U1 + g * (root * f_s).clamp(max=self.norm_abs)
         if isinstance(self.delta, nn.Linear):
             w_k = keep.shape[1] - s
-            from_kept = s > w_k
-            if bool(from_kept.any()):
-                f_k = ((keep.double() @ self.colsq.double()) * grow).sqrt()
-                n_k = torch.clamp(f_k, max=self.norm_w)
-                n_k_abs = torch.clamp(f_k, max=self.norm_abs)
-                g_k = _gamma(w_k + 1)
-                h_k = (keep @ hsq_t).mul_(grow).sqrt_()
-                kept = torch.addcmul((g_k * self.bias_norm).float().unsqueeze(1).expand_as(h_k),
-                                     (n_k * _U1 + g_k * n_k_abs).float().unsqueeze(1), h_k)
-                err = torch.where(from_kept.unsqueeze(1), kept, err)
+            kept = s > w_k
+            f_k = (keep @ self.colsq).sqrt()
+            g_k = _gamma(w_k + 1)
+            coef[kept, 0] = 0.0
+            coef[kept, 1] = 0.0
+            coef[kept, 2] = (f_k.clamp(max=self.norm_w) * _U1 + g_k * f_k.clamp(max=self.norm_abs))[kept]
+            coef[kept, 3] = (g_k * self.bias_norm)[kept]
+        return (coef * (1 + 1e-6)).float()
+
+    def first_error(self, coef: torch.Tensor, mb: torch.Tensor, hsq_t: torch.Tensor,
+                    z_norm: torch.Tensor | None) -> torch.Tensor:
+        """Bounds [k, n] of the error of the suffix's first tensor, whose inputs are the float64
+        prefix values rounded to float32 (error <= u' |value|), from `mask_coefficients`. The
+        sums of squares ||h[S]||^2, ||h[K]||^2 come from one small float32 product each, inflated
+        by gamma_U."""
+        grow = 1 + _gamma(mb.shape[1] + 1)
+        coef = coef.to(mb.device)
+        err = coef[:, 3:4].expand(mb.shape[0], hsq_t.shape[1]).clone()
+        if bool((coef[:, 2] != 0).any()):
+            err.addcmul_(coef[:, 2:3], (mb.float() @ hsq_t).mul_(grow).sqrt_())
+        if bool((coef[:, 1] != 0).any()):
+            err.addcmul_(coef[:, 1:2], ((1 - mb.float()) @ hsq_t).mul_(grow).sqrt_())
+        if z_norm is not None:
+            err.addcmul_(coef[:, 0:1], z_norm.unsqueeze(0))
         return err.add_(_TINY * 2.0 ** 12)       # rows of up to 2^24 values
 
     # -- the suffix ------------------------------------------------------------------------------
@@ -1346,8 +1372,9 @@ class _Bounds:
             raise _Unbounded("the suffix does not return logits [rows, classes]")
         if logits.shape[1] < 2:
             raise _Unbounded("one class")
-        values, index = logits.topk(2, dim=1)
-        top = index[:, 0]
+        lt = logits.t().contiguous()          # [C, R]: reductions over a short last axis are slow
+        top_val, top = lt.max(dim=0)
+        second = lt.scatter(0, top.unsqueeze(0), float("-inf")).amax(dim=0)    # an equal maximum stays
         if self.final is not None:
             coef = self.final_table.to(logits.device)[top]                   # [R, 3]
             h = env[self.final.args[0]]
@@ -1355,8 +1382,8 @@ class _Bounds:
         else:
             thr = err[result] * (math.sqrt(2) * _MARGIN)                     # |e_t - e_j| <= sqrt(2) ||e||
         self.last_threshold = thr           # for tests: a bound of |error| of every gap l_top - l_j
-        gap = values[:, 0] - values[:, 1]
-        close = ~(gap > thr) | ~torch.isfinite(logits.sum(dim=1))
+        gap = top_val - second
+        close = ~(gap > thr) | ~torch.isfinite(lt.sum(dim=0))
         return logits, top, close
 
 
