@@ -75,7 +75,7 @@ def plain_render(model, layer_module, unit: int, steps: int, size: int = 224, se
             loss = -grabbed["x"][0, unit].mean()
             loss.backward()
             optimizer.step()
-            value = -float(loss)
+            value = -float(loss.detach())
     finally:
         handle.remove()
     return value
