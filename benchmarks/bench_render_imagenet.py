@@ -187,7 +187,7 @@ def main() -> None:
     print(f"  ceiling (fwd+bwd to the layer): batch {args.units} {ceiling_same:6.1f}, batch {micro} "
           f"(ours' micro-batch) {ceiling_micro:6.1f} image-steps/s")
     print(f"  speedup {reference_s / ours_s:.2f}x; ours / ceiling {ours_rate / ceiling:.0%}")
-    print(f"  objective reached, ours vs plain: "
+    print("  objective reached, ours vs plain: "
           + ", ".join(f"unit {u}: {float(ours.values[u]):.3f} vs {ref_values[u]:.3f}" for u in range(args.reference_units)))
     print(json.dumps({
         "benchmark": "render_imagenet", "ours_s": round(ours_s, 3), "reference_s": round(reference_s, 3),
