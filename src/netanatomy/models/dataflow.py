@@ -115,6 +115,18 @@ class Step(str, enum.Enum):
     OTHER = "other"
 
 
+# Functions and tensor methods by kind, in the order they are tried (arithmetic last: it is
+# SCALE or ELEMENTWISE by how many computed tensors it reads).
+_FUNCTION_STEPS = (
+    (CAT_FUNCTIONS, Step.CONCAT), (ACTIVATION_FUNCTIONS, Step.ACTIVATION), (AFFINE_FUNCTIONS, Step.AFFINE),
+    (IDENTITY_FUNCTIONS, Step.IDENTITY), (PRESERVING_FUNCTIONS, Step.PRESERVING), (RESHAPE_FUNCTIONS, Step.RESHAPE),
+    (ARITHMETIC_FUNCTIONS, Step.ELEMENTWISE),
+)
+_METHOD_STEPS = (
+    (ACTIVATION_METHODS, Step.ACTIVATION), (IDENTITY_METHODS, Step.IDENTITY), (RESHAPE_METHODS, Step.RESHAPE),
+    (ARITHMETIC_METHODS, Step.ELEMENTWISE),
+)
+
 # The walks callers use. Back to the layer whose units a tensor carries (channel i stays unit i):
 CHANNEL_STEPS = frozenset({Step.AFFINE, Step.ACTIVATION, Step.IDENTITY, Step.PRESERVING, Step.SCALE})
 # ... and to the layers whose units a weight's input columns are (a linear layer reads a map flat):
@@ -252,30 +264,12 @@ class DataFlow:
             m = self.mod(node)
             return module_step(m) if m is not None else Step.OTHER
         target = node.target
-        if node.op == "call_function":
-            if target in CAT_FUNCTIONS:
-                return Step.CONCAT
-            if target in ACTIVATION_FUNCTIONS:
-                return Step.ACTIVATION
-            if target in AFFINE_FUNCTIONS:
-                return Step.AFFINE
-            if target in IDENTITY_FUNCTIONS:
-                return Step.IDENTITY
-            if target in PRESERVING_FUNCTIONS:
-                return Step.PRESERVING
-            if target in RESHAPE_FUNCTIONS:
-                return Step.RESHAPE
-            if target in ARITHMETIC_FUNCTIONS:
-                return Step.SCALE if len(self.tensor_args(node)) == 1 else Step.ELEMENTWISE
-        elif node.op == "call_method":
-            if target in ACTIVATION_METHODS:
-                return Step.ACTIVATION
-            if target in IDENTITY_METHODS:
-                return Step.IDENTITY
-            if target in RESHAPE_METHODS:
-                return Step.RESHAPE
-            if target in ARITHMETIC_METHODS:
-                return Step.SCALE if len(self.tensor_args(node)) == 1 else Step.ELEMENTWISE
+        table = _FUNCTION_STEPS if node.op == "call_function" else _METHOD_STEPS if node.op == "call_method" else ()
+        for names, kind in table:
+            if target in names:
+                if kind is Step.ELEMENTWISE:    # arithmetic: with constants only, channel i stays i
+                    return Step.SCALE if len(self.tensor_args(node)) == 1 else Step.ELEMENTWISE
+                return kind
         if self._keeps_channels(node):
             return Step.CHANNELWISE
         return Step.OTHER

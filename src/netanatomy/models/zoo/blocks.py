@@ -174,3 +174,14 @@ def check_positive(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:
             raise UsageError(f"{name} must be > 0, got {value!r}")
+
+
+def init_convs_and_norms(model: nn.Module) -> None:
+    """He (fan-out) initialization of every conv and unit-scale, zero-shift batch norms, as
+    torchvision's mobile models start."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

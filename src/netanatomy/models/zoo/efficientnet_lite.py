@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ZooEntry, register
-from .blocks import Normalize, check_positive
+from .blocks import Normalize, check_positive, init_convs_and_norms
 
 # (repeats, kernel, stride of the first repeat, expansion, output channels), per stage.
 STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
@@ -134,12 +134,7 @@ class EfficientNetLite0(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_convs_and_norms(self)
         bound = 1.0 / math.sqrt(HEAD_CHANNELS)
         nn.init.uniform_(self._fc.weight, -bound, bound)
         nn.init.zeros_(self._fc.bias)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ZooEntry, register
-from .blocks import IMAGENET_MEAN, IMAGENET_STD, Normalize, check_positive
+from .blocks import IMAGENET_MEAN, IMAGENET_STD, Normalize, check_positive, init_convs_and_norms
 
 # (expansion t, output channels c, repeats n, stride of the first repeat s), per stage.
 STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -107,13 +107,9 @@ class MobileNetV2(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        init_convs_and_norms(self)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
 
