@@ -10,12 +10,17 @@ from .svd import SVDReport
 
 __all__ = ["kernel_energy_figure", "svd_placement_figure"]
 
+# distinguishable colours for up to ten branches (matplotlib's tab10)
+_BRANCH_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                   "#bcbd22", "#17becf"]
 
-def svd_placement_figure(report: SVDReport) -> Any:
+
+def svd_placement_figure(report: SVDReport, *, groups: dict[str, tuple[np.ndarray, list[str]]] | None = None) -> Any:
     """Lower units (left) and upper units (right) placed by singular vectors 0 and 1 of |W|.
 
     First-layer lower units are drawn as their RGB filters at their positions; others as
-    points. Axis titles give each vector's share of |W|'s squared norm.
+    points. Axis titles give each vector's share of |W|'s squared norm. `groups` colours the
+    points of a side ("lower" / "upper") by a label per unit (e.g. its branch) with a legend.
     """
     import matplotlib
 
@@ -29,7 +34,16 @@ def svd_placement_figure(report: SVDReport) -> Any:
     for ax, coords, title in ((axes[0], svd.lower, f"{report.lower} (lower units)"),
                               (axes[1], svd.upper, f"{report.upper} (upper units)")):
         xy = coords[:, :2].numpy() if coords.shape[1] > 1 else np.c_[coords[:, 0].numpy(), np.zeros(len(coords))]
-        ax.scatter(xy[:, 0], xy[:, 1], s=8, c="0.6")
+        side = "lower" if ax is axes[0] else "upper"
+        if groups and side in groups and len(groups[side][0]) == len(xy):
+            labels, names = groups[side]
+            for g, gname in enumerate(names):
+                pick = np.asarray(labels) == g
+                ax.scatter(xy[pick, 0], xy[pick, 1], s=14, color=_BRANCH_COLOURS[g % len(_BRANCH_COLOURS)],
+                           label=f"{gname} ({int(pick.sum())})", zorder=3)
+            ax.legend(fontsize=7, title="branch (units)", title_fontsize=7, loc="best")
+        else:
+            ax.scatter(xy[:, 0], xy[:, 1], s=8, c="0.6")
         ax.set_xlabel(f"singular vector 0 ({100 * shares[0]:.1f}% of |W|^2)")
         ax.set_ylabel(f"singular vector 1 ({100 * shares[1]:.1f}%)")
         ax.set_title(title)
@@ -48,7 +62,7 @@ def svd_placement_figure(report: SVDReport) -> Any:
     matrix = f"expanded weights {report.lower} -> {report.upper}" if through else f"{report.upper}'s |W|"
     fig.suptitle(f"SVD of |W| ({matrix}, summed over positions{', centred' if svd.centered else ''}): "
                  f"units placed by singular vectors 0 and 1", fontsize=11)
-    caption = "grey points: units; "
+    caption = "points: units, coloured by branch; " if groups else "grey points: units; "
     if report.filters is not None:
         caption = (f"left: each {report.lower} unit drawn as its filter, as the RGB image it responds to most "
                    "(grey = 0, per filter 0.5 + w / 2 max|w|); ")
