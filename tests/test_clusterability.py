@@ -163,3 +163,26 @@ def test_weight_network_follows_cat_residual_flatten_and_folds_batchnorm():
     np.testing.assert_allclose(head.weights, head_l1[:, 0:2], rtol=1e-6)
     stem = [b for b in g.blocks if g.layers[b.dst] == "stem"][0]
     np.testing.assert_allclose(stem.weights, np.abs(folded).sum(axis=(2, 3)), rtol=1e-6)   # L1 per kernel
+
+
+def test_shuffles_keep_depthwise_wiring():
+    """A depthwise conv joins channel i only to unit i; shuffling within its [U, 1, k, k] tensor
+    keeps that diagonal, so the null networks share the architecture's wiring and the test
+    measures what training did on top of it (docs/results/imagenet.md relies on this)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 6, 3, groups=6), nn.ReLU(), nn.Conv2d(6, 4, 1))
+    network = weight_network(model, (3, 12, 12)).network
+    dw = next(e for e in network.edges if e.groups == 6)
+    assert dw.weight.shape == (6, 1, 3, 3)
+
+    def depthwise_block(graph):
+        i_src, i_dst = graph.layers.index(dw.sources[0][0]), graph.layers.index(dw.dst)
+        return next(b.weights for b in graph.blocks if (b.src, b.dst) == (i_src, i_dst))
+
+    true_block = np.asarray(depthwise_block(network.graph()))
+    assert np.count_nonzero(true_block - np.diag(np.diag(true_block))) == 0
+    for i in range(5):
+        block = np.asarray(depthwise_block(shuffled_graph(network, "layer", shuffle_seed(0, i))))
+        assert np.count_nonzero(block - np.diag(np.diag(block))) == 0   # still diagonal
+        assert not np.allclose(np.diag(block), np.diag(true_block))     # but the strengths moved
+        assert np.diag(block).sum() > 0
