@@ -157,3 +157,19 @@ def test_linear_on_a_map_and_batchnorm_folding():
     layers = discover_layers(seq)
     got = layer_weights(seq, layers, next(iter(layers)), fold_bn=True)
     assert torch.allclose(got.weights, folded.weight.detach()) and "folded" in got.note
+
+
+def test_weights_writes_a_labelled_figure_with_a_colour_key(tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from netanatomy.cli.main import run
+
+    assert run(["weights", "zoo:minception-fmnist", "--layer", "mixed1_3x3", "--out", str(tmp_path), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    with Image.open(r["figure"]) as im:
+        w, h = im.size
+    # 24 units in 16 columns: two rows of tiles plus the title and the key, wider than the raw grid
+    with Image.open(r["grid"]) as grid:
+        assert w > grid.size[0] // 2 and h > 200

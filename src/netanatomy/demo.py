@@ -68,8 +68,15 @@ def _weights_section(loaded, layer_map, out: Path, seed: int) -> dict[str, Any]:
     pictures = []
     for layer in layer_map.of_kind("conv"):
         if layer.kernel_size and min(layer.kernel_size) >= 3 and "5x5" in layer.name:
+            import matplotlib.pyplot as plt
+
+            from .anatomy.plots import weights_figure
+            from .util.io import save_figure
+
             pics = layer_pictures(layer_weights(loaded.module, layer_map, layer).weights, seed=seed)
-            path = save_png(pics.grid, out / f"nmf_{layer.name}.png")
+            fig = weights_figure(pics, layer.name)
+            path = save_figure(fig, out / f"nmf_{layer.name}.png", dpi=110, bbox_inches="tight")
+            plt.close(fig)
             pictures.append({"layer": layer.name, "units": int(pics.pictures.shape[0]), "png": path.name})
     return {"banding": banding, "svd": svd, "nmf_pictures": pictures}
 

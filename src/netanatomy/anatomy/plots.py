@@ -8,7 +8,7 @@ import numpy as np
 from ..core.pictures import filters_to_rgb
 from .svd import SVDReport
 
-__all__ = ["kernel_energy_figure", "svd_placement_figure"]
+__all__ = ["kernel_energy_figure", "svd_placement_figure", "weights_figure"]
 
 # distinguishable colours for up to ten branches (matplotlib's tab10)
 _BRANCH_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -109,4 +109,48 @@ def kernel_energy_figure(kernels: Any, units: Any, *, title: str, subtitle: str 
     if image is not None:
         bar = fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.025, pad=0.02)
         bar.set_label("weight (batch norm folded), shared scale", fontsize=8)
+    return fig
+
+
+def weights_figure(pictures: Any, layer: str, *, max_units: int = 256, columns: int = 16,
+                   channel_names: list[str] | None = None, note: str = "") -> Any:
+    """The NMF weight pictures of a layer as a figure a reader can use: every tile labelled with
+    its unit number (grid in similarity order), and a colour key saying which input channels
+    (excitatory +, inhibitory -) each of the three colours stands for."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    pics, order, f = pictures.pictures, pictures.order, pictures.factors
+    shown = [int(u) for u in order[:max_units]]
+    n = len(shown)
+    columns = max(1, min(columns, n))
+    rows = -(-n // columns)
+    fig = plt.figure(figsize=(max(7.0, 0.62 * columns + 0.6), 0.66 * rows + 1.7))
+    grid = fig.add_gridspec(rows + 1, columns, height_ratios=[1.0] * rows + [1.6], hspace=0.3, wspace=0.08)
+    for i, u in enumerate(shown):
+        ax = fig.add_subplot(grid[i // columns, i % columns])
+        ax.imshow(pics[u], interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(str(u), fontsize=6, pad=1.5)
+    key = fig.add_subplot(grid[rows, :])
+    key.axis("off")
+    names = channel_names or [f"in {c}" for c in range(f.positive.shape[1])]
+    lines = []
+    for j, colour in enumerate(("red", "green", "blue")[: f.factors.shape[0]]):
+        pos, neg = f.positive[j].numpy(), f.negative[j].numpy()
+        scored = sorted([(float(v), f"+{names[c]}") for c, v in enumerate(pos)] +
+                        [(float(v), f"-{names[c]}") for c, v in enumerate(neg)], reverse=True)
+        top = ", ".join(f"{name} ({v:.2f})" for v, name in scored[:4] if v > 0)
+        lines.append(f"{colour}: {top}")
+    key.text(0.0, 1.0, "Colour key (NMF factor -> strongest input channels, + excitatory / - inhibitory, "
+             "loading):\n" + "\n".join(lines) + "\nBrightness: how strongly a position uses the factor (per unit, "
+             "scaled to its own maximum).", va="top", ha="left", fontsize=7.5, family="monospace",
+             transform=key.transAxes)
+    more = f" (first {n} of {len(order)} in similarity order)" if n < len(order) else " (similarity order)"
+    kh, kw = pics.shape[1:3]
+    fig.suptitle(f"{layer}: NMF weight pictures, {kh}x{kw} kernels, unit numbers above each{more}"
+                 + (f"\n{note}" if note else ""), fontsize=9.5)
     return fig

@@ -54,14 +54,28 @@ def command(model, weights, model_args, input_shape, layer, out, mode, scale, fo
     out_dir = Path(out)
     stem = file_stem(lw.layer)
     grid_path = save_png(pics.grid, out_dir / f"{stem}_weights.png")
+    import matplotlib.pyplot as plt
+
+    from ...anatomy.plots import weights_figure
+    from ...util.io import save_figure
+
+    from ...anatomy import INPUT, feeding_layer
+
+    reads_image = feeding_layer(loaded.module, layer_map, lw.layer) == INPUT and lw.weights.shape[1] in (1, 3)
+    channel_names = (["R", "G", "B"] if lw.weights.shape[1] == 3 else ["grey"]) if reads_image else None
+    fig = weights_figure(pics, lw.layer, note=lw.note, channel_names=channel_names)
+    figure_path = save_figure(fig, out_dir / f"{stem}_weights_labelled.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
     doc = {"model": loaded.source, "layer": lw.layer, "shape": list(lw.weights.shape), "note": lw.note,
-           "grid": str(grid_path), **pics.factors_json()}
+           "grid": str(grid_path), "figure": str(figure_path), **pics.factors_json()}
     json_path = write_json(out_dir / f"{stem}_factors.json", doc)
     result = {"model": loaded.source, "layer": lw.layer, "units": int(lw.weights.shape[0]),
               "kernel": list(lw.weights.shape[2:]), "mode": pics.factors.mode,
-              "mean_error": float(pics.factors.error.mean()), "grid": str(grid_path), "factors": str(json_path)}
+              "mean_error": float(pics.factors.error.mean()), "grid": str(grid_path), "figure": str(figure_path),
+              "factors": str(json_path)}
     if lw.note:
         result["note"] = lw.note
     emit(result, as_json, lambda r: (f"{r['layer']}: {r['units']} units, {r['kernel'][0]}x{r['kernel'][1]}, "
                                      f"{r['mode']} NMF (mean relative error {r['mean_error']:.3f})\n"
-                                     f"grid:    {r['grid']}\nfactors: {r['factors']}"))
+                                     f"grid:    {r['grid']}\nfigure:  {r['figure']} (unit numbers, colour key)\n"
+                                     f"factors: {r['factors']}"))
