@@ -106,6 +106,8 @@ def command(model, weights, model_args, input_shape, layers, data, split, labels
     loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
     channels = int(loaded.input_shape[0]) if loaded.input_shape else 3
     probes = parse_probes(probe_text, channels)
+    spec = data or ("photos?n=500" + ("" if channels == 3 else f"&channels={channels}"))
+    dataset = open_cli_data(spec, split, loaded, seed=seed, labels="classes" in probes)
     module = loaded.module
     layer_map = discover_layers(module, loaded.input_shape)
     names = list(layers) or [lay.name for lay in bs.branched_layers(layer_map)]
@@ -113,8 +115,6 @@ def command(model, weights, model_args, input_shape, layers, data, split, labels
         raise click.UsageError("this model has no layer with branches (concatenations, grouped convs or residual "
                                "sums); see 'netanatomy layers'")
     populations = [bs.branch_population(layer_map, n) for n in names]
-    spec = data or ("photos?n=500" + ("" if channels == 3 else f"&channels={channels}"))
-    dataset = open_cli_data(spec, split, loaded, seed=seed, labels="classes" in probes)
 
     started = time.perf_counter()
     categories: dict[str, dict] = {p.layer: {} for p in populations}
