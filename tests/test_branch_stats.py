@@ -61,6 +61,37 @@ MODELS = textwrap.dedent('''
         def forward(self, x):
             return self.head(torch.relu(self.conv(x)).mean((2, 3)))
 
+    class Grouped(nn.Module):
+        """conv1's units 0-7 feed group 0 of conv2, units 8-15 group 1 (so conv1 has two branches).
+        Planted: group 0 colourful filters (red-green opponent blobs), group 1 grey Gabors."""
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 16, 5, padding=2)
+            self.conv2 = nn.Conv2d(16, 8, 3, padding=1, groups=2)
+            self.head = nn.Linear(8, 3)
+            yy, xx = torch.meshgrid(torch.arange(5.0) - 2, torch.arange(5.0) - 2, indexing="ij")
+            blob = torch.exp(-(xx ** 2 + yy ** 2) / 4.0)
+            with torch.no_grad():
+                w = torch.zeros(16, 3, 5, 5)
+                for u in range(8):
+                    sign = 1.0 if u % 2 == 0 else -1.0
+                    # red against green, weights summing to 0 over the channels: blind to grey images
+                    w[u, 0], w[u, 1] = sign * blob * (1 + 0.1 * u), -sign * blob * (1 + 0.1 * u)
+                for u in range(8, 16):
+                    theta = (u - 8) * 3.14159 / 8
+                    gabor = blob * torch.cos(1.6 * (xx * torch.cos(torch.tensor(theta)) + yy * torch.sin(torch.tensor(theta))))
+                    w[u] = gabor
+                self.conv1.weight.copy_(w)
+                self.conv1.bias.zero_()
+        def forward(self, x):
+            x = torch.relu(self.conv1(x))
+            x = torch.relu(self.conv2(x))
+            return self.head(x.mean((2, 3)))
+
+    def grouped():
+        torch.manual_seed(0)
+        return Grouped()
+
     def concat():
         torch.manual_seed(0)
         return Concat()
@@ -258,3 +289,24 @@ def test_figures_written_and_labelled(model_file, tmp_path, capsys):
             assert im.size[0] > 400 and im.size[1] > 300
     saved = json.loads((out / "branches.json").read_text())
     assert saved["layers"][0]["branches"][0]["categories"][0]["count"] == 8
+
+
+def test_planted_grouped_layer_colour_in_group_0_not_in_group_1(model_file, capsys):
+    """Group 0 of conv1 colourful filters, group 1 grey Gabors: the filter and colour probes put
+    colour in group 0 with a small adjusted p, and grey in group 1."""
+    r = _cli_json(capsys, ["branches", f"{model_file}:grouped", "--input-shape", "3,24,24", "--layer", "conv1",
+                           "--probe", "filter,colour", "--data", "photos?n=40&size=24", "--permutations", "19"])
+    (layer,) = r["layers"]
+    assert [b["name"] for b in layer["branches"]] == ["conv1.group0", "conv1.group1"]
+    tests = {(b["name"], t["category"]): t for b in layer["branches"] for t in b["categories"]}
+    colourful = tests[("conv1.group0", "colourful filter")]
+    assert colourful["count"] == 8 and colourful["expected"] == pytest.approx(4.0)
+    assert colourful["p"] == pytest.approx(1 / math.comb(16, 8), rel=1e-6) and colourful["q"] < 1e-3
+    assert tests[("conv1.group1", "colourful filter")]["count"] == 0
+    assert tests[("conv1.group1", "colourful filter")]["p"] == pytest.approx(1.0)
+    grey = tests[("conv1.group1", "grey filter")]
+    assert grey["count"] == 8 and grey["q"] < 1e-3
+    # the activation probe agrees: colour-selective units sit in group 0 only
+    colour0 = tests.get(("conv1.group0", "colour"))
+    assert colour0 is not None and colour0["count"] == 8 and colour0["q"] < 1e-3
+    assert tests[("conv1.group1", "colour")]["count"] == 0

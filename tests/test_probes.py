@@ -340,3 +340,14 @@ def test_probes_tuple_and_result_shape():
     doc = r.to_json()
     assert doc["categories"] == {"oriented": [0]} and doc["units_table"][1]["osi"] is None
     assert doc["units_table"][0]["categories"] == ["oriented"]
+
+
+def test_colour_index_ignores_rounding_noise_of_a_grey_blind_unit():
+    """A unit blind to grey answers grey images with float32 noise around 0; that noise must not
+    turn the images it ignores into +-1 votes (0/0 is 0)."""
+    from netanatomy.core.probes import colour_index
+
+    colour = np.array([[2.0], [0.0], [0.0], [1.5]])
+    grey = np.array([[3e-8], [2e-8], [0.0], [-1e-8]])
+    idx = colour_index(colour, grey)[:, 0]
+    assert idx.tolist() == [1.0, 0.0, 0.0, 1.0]

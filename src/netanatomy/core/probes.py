@@ -44,6 +44,7 @@ MIN_OSI = 0.2                   # OSI floor of "oriented"
 MIN_FREQUENCY_MODULATION = 1 / 3  # (max - min) / (max + min) over frequencies: preferred >= 2x the worst
 _NULL_BYTES = 64 * 2**20        # memory of one chunk of permuted responses
 _TIE = 1e-6                     # null values this close to the observation count as ties (float32 nulls)
+_ROUNDING = 1e-5                # responses below this share of a unit's largest count as zero (float32 sums)
 
 
 def _bh_mask(q: np.ndarray, alpha: float) -> np.ndarray:
@@ -95,6 +96,12 @@ def colour_index(colour: np.ndarray, grey: np.ndarray) -> np.ndarray:
     grey = np.asarray(grey, dtype=np.float64)
     if colour.shape != grey.shape or colour.ndim != 2:
         raise UsageError(f"colour and grey responses must both be [images, units]; got {colour.shape} and {grey.shape}")
+    # a response within float32 rounding of zero (a grey-blind unit's "response" to a grey image
+    # summed in another order) is zero: else 0/0 cases become +-1 by the sign of rounding noise
+    scale = np.maximum(np.abs(colour).max(axis=0, initial=0.0), np.abs(grey).max(axis=0, initial=0.0))
+    tol = _ROUNDING * scale
+    colour = np.where(np.abs(colour) <= tol, 0.0, colour)
+    grey = np.where(np.abs(grey) <= tol, 0.0, grey)
     denom = np.abs(colour) + np.abs(grey)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(denom > 0, (colour - grey) / np.where(denom > 0, denom, 1.0), 0.0)
