@@ -32,13 +32,14 @@ MODEL_COMMANDS = {
     "render": ["render", "{model}", "--layer", "conv1", "--units", "0", "--steps", "1", "--out", "{out}"],
     "examples": ["examples", "{model}", "--layer", "conv1", "--data", "bundled?limit=20", "--out", "{out}"],
     "train": ["train", "{model}", "--data", "bundled?limit=40", "--epochs", "1", "--out", "{out}.pt"],
+    "probe": ["probe", "{model}", "--layer", "conv1", "--out", "{out}.json"],
     "branches": ["branches", "{model}", "--probe", "none", "--data", "bundled?limit=40", "--permutations", "9",
                  "--out", "{out}"],
 }
 SHAPE_COMMANDS = [c for c in MODEL_COMMANDS if c != "train"]   # those with --input-shape
 DATA_COMMANDS = ["importance", "coherence", "examples", "train", "clusters-activations", "lab", "branches"]
 OUTPUT_COMMANDS = ["weights", "svd", "expanded", "clusters", "importance", "coherence", "render", "examples",
-                   "train", "demo", "lab", "branches"]
+                   "train", "demo", "lab", "branches", "probe"]
 
 USER_FILES = {
     "syntax": ("def build(:\n", "syntax error at line 1"),
