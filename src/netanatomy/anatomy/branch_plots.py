@@ -82,6 +82,7 @@ def category_share_figure(stats: LayerBranchStats, *, max_categories: int = 12) 
     ax.set_ylim(0, min(1.08, max(0.2, ax.get_ylim()[1] + 0.05)))
     ax.set_title(f"{pop.layer}: categories by branch\nblack line: the layer's share (chance); "
                  "stars: enriched in the branch, BH q < 0.05 / 0.01 / 0.001 (hypergeometric tail)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right", ncol=1 if n_b <= 4 else 2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if n_b <= 12 else 2,
+              title="branch (units)", title_fontsize=7)
     fig.tight_layout()
     return fig
