@@ -1,0 +1,116 @@
+"""The survey: every part that applies, within a budget, resumable after a kill, as atlas.json."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from netanatomy.atlas import parts as P
+from netanatomy.atlas.survey import SurveySettings, run_survey
+from netanatomy.data import open_dataset
+from netanatomy.models import load_model
+
+MODEL = "zoo:minception-fmnist"
+SMALL = dict(layers=("conv1", "mixed1"), steps=4, shuffles=2, n_random=2, examples=200)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(MODEL)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return open_dataset("bundled", "test", limit=200)
+
+
+def _stable(doc: dict) -> dict:
+    """atlas.json without what depends on the clock (run times, re-used or not)."""
+    doc = json.loads(json.dumps(doc))
+    doc.pop("survey")
+    return doc
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted((root / "files").rglob("*.png"))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, loaded, data):
+    root = tmp_path_factory.mktemp("atlas") / "a"
+    doc = run_survey(root, SurveySettings(model=MODEL, data="bundled", **SMALL), loaded=loaded, dataset=data,
+                     build=False)
+    return root, doc
+
+
+def test_every_part_runs_and_lands_in_the_atlas(uninterrupted):
+    root, doc = uninterrupted
+    parts = doc["survey"]["parts"]
+    for name in ("layers", "banding", "weights", "svd", "families", "connections", "probes", "branches", "clusters",
+                 "importance", "coherence", "examples/conv1", "examples/mixed1", "render/0"):
+        assert parts[name]["status"] == "done", (name, parts[name])
+    layers = {lay["name"]: lay for lay in doc["layers"]}
+    assert layers["mixed1"]["kind"] == "concat" and len(layers["mixed1"]["branches"]) == 4
+    assert layers["mixed1_3x3"]["reads"] == ["mixed1_3x3_bottleneck"] and layers["conv1"]["reads"] == ["input"]
+    assert layers["conv1"]["banding"] is not None and "weights" in layers["conv1"]["figures"]
+    assert layers["mixed1"]["branch_stats"]["correlation"]["n_permutations"] == 999
+    unit = doc["units"]["mixed1"]["20"]
+    assert unit["branch"] == "mixed1_3x3" and unit["render"] and unit["examples"] and unit["weights"]
+    assert (root / unit["render"]).is_file() and (root / unit["examples"]).is_file()
+    assert unit["upstream"] == [] and unit["downstream"]            # read by mixed2's convs
+    up = doc["units"]["conv1"]["3"]["upstream"]
+    assert up and up[0]["layer"] == "input"
+    assert doc["clusters"] and sum(c["size"] for c in doc["clusters"]) > 0
+    assert doc["clusterability"]["shuffles"] == 2
+    with_lesions = [c for c in doc["clusters"] if c["importance"]]
+    assert with_lesions and all(len(t["random_drops"]) == 2 for c in with_lesions for t in c["importance"]["by_layer"])
+    # every file the atlas names exists
+    for lay in doc["layers"]:
+        for path in lay["figures"].values():
+            assert (root / path).is_file(), path
+    assert (root / "atlas.json").is_file()
+
+
+def test_a_killed_survey_finishes_with_the_same_atlas(tmp_path, loaded, data, uninterrupted, monkeypatch):
+    first_root, first = uninterrupted
+    root = tmp_path / "b"
+    settings = SurveySettings(model=MODEL, data="bundled", **SMALL)
+    real = P.examples_part
+    calls = {"n": 0}
+
+    def dies_on_the_second_layer(ctx, layer, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(ctx, layer, *a, **k)
+
+    monkeypatch.setattr(P, "examples_part", dies_on_the_second_layer)
+    with pytest.raises(KeyboardInterrupt):
+        run_survey(root, settings, loaded=loaded, dataset=data, build=False)
+    assert not (root / "atlas.json").exists()
+    monkeypatch.setattr(P, "examples_part", real)
+    again = run_survey(root, settings, loaded=loaded, dataset=data, build=False)
+    reused = {n for n, p in again["survey"]["parts"].items() if p["status"] == "done (re-used)"}
+    assert {"layers", "banding", "probes", "clusters", "examples/conv1"} <= reused
+    assert again["survey"]["parts"]["examples/mixed1"]["status"] == "done"
+    assert _stable(again) == _stable(first)
+    assert _files(root) == _files(first_root)
+
+
+def test_a_tight_budget_leaves_out_parts_and_says_why(tmp_path, loaded, data):
+    settings = SurveySettings(model=MODEL, data="bundled", budget_min=0.001, **SMALL)
+    doc = run_survey(tmp_path / "c", settings, loaded=loaded, dataset=data, build=False)
+    parts = doc["survey"]["parts"]
+    left = {n: p for n, p in parts.items() if p["status"] == "left out"}
+    assert "render/0" in left and "the budget" in left["render/0"]["reason"]
+    assert parts["layers"]["status"] == "done"            # the cheap parts always run
+    assert doc["units"]["conv1"]["0"]["render"] is None   # and the pages say what is missing
+
+
+def test_importance_is_skipped_when_labels_are_not_the_models_classes(tmp_path, loaded):
+    photos = open_dataset("photos?n=40&channels=1&size=28", "test")
+    settings = SurveySettings(model=MODEL, data="photos", **{**SMALL, "layers": ("conv1",)})
+    doc = run_survey(tmp_path / "d", settings, loaded=loaded, dataset=photos, build=False)
+    assert doc["survey"]["parts"]["importance"]["status"] == "skipped"
+    assert "not the model's classes" in doc["survey"]["parts"]["importance"]["reason"]
