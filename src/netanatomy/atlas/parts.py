@@ -134,16 +134,15 @@ def banding_figure(records: Sequence[dict[str, Any]], model: str) -> Any:
     ax.bar(x - 0.2, h, width=0.4, color="#d62728", label="H: energy in row averages (horizontal bands)")
     ax.bar(x + 0.2, v, width=0.4, color="#1f77b4", label="V: energy in column averages (vertical bands)")
     for xi, r in zip(x, records):
-        k = r.get("kernel") or r.get("kernel_size")
-        if k:
-            chance = 1.0 / int(k[1] if isinstance(k, (list, tuple)) else k)
+        chance = r.get("expected_h")   # E[H] of a kernel of iid weights: (kh - 1) / (kh kw - 1)
+        if chance is not None:
             ax.plot([xi - 0.42, xi + 0.42], [chance, chance], color="k", lw=1)
         mark = {"horizontal": "H", "vertical": "V"}.get(r.get("orientation") or "", "")
         if mark:
             ax.text(xi, max(r["horizontal"], r["vertical"]) + 0.01, mark, ha="center", fontsize=8, weight="bold")
     ax.set_xticks(x, [r["layer"] for r in records], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("share of the kernels' centred energy")
-    ax.set_title(f"{model}: weight banding per layer (black line: chance for the kernel width; "
+    ax.set_title(f"{model}: weight banding per layer (black line: chance, E[H] for iid weights; "
                  "letter: banded, permutation p < 0.01)", fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
@@ -342,6 +341,24 @@ def importance_part(ctx: SurveyContext, clusters_doc: dict[str, Any], n_random: 
     return doc
 
 
+def importance_estimate(ctx: SurveyContext, clusters_doc: dict[str, Any], n_random: int,
+                        calibration: int = 200) -> float:
+    """Seconds the lesions would take, scaled from one random set per sub-cluster on a few examples."""
+    import time
+
+    from ..specialization.importance import importance
+
+    x, y = ctx.dataset.tensors(list(range(min(len(ctx.dataset), calibration))))
+    began = time.perf_counter()
+    try:
+        importance(ctx.module, ctx.layer_map, _clusters(clusters_doc), x, y, n_random=1, seed=ctx.seed,
+                   num_classes=ctx.loaded.num_classes, device=ctx.device)
+    except UsageError:
+        return 0.0  # the part itself will say why it does not apply
+    seconds = time.perf_counter() - began
+    return seconds * (n_random + 1) / 2 * min(len(ctx.dataset), LESION_EXAMPLES) / max(1, x.shape[0])
+
+
 def coherence_part(ctx: SurveyContext, clusters_doc: dict[str, Any], n_random: int) -> dict[str, Any]:
     from ..specialization.coherence import coherence
     from ..specialization.extract import activation_values
@@ -356,21 +373,6 @@ def coherence_part(ctx: SurveyContext, clusters_doc: dict[str, Any], n_random: i
     result = coherence(values, labels, clusters, n_random=n_random, seed=ctx.seed, kinds=["dataset", "correlation"],
                        num_classes=ctx.loaded.num_classes, show_progress=False)
     return result.to_json()
-
-
-def importance_figure(cluster: int, test: dict[str, Any]) -> Any:
-    """A sub-cluster's accuracy drop against the drops of its random same-size sets."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.2, 3.2))
-    drops = np.asarray(test["random_drops"], dtype=np.float64)
-    ax.hist(drops, bins=min(30, max(5, drops.size // 3)), color="0.7", label=f"{drops.size} random sets of {test['size']} units")
-    ax.axvline(test["drop"], color="#d62728", lw=2, label=f"the sub-cluster: {test['drop']:.4f}")
-    ax.set_xlabel("accuracy drop when the units are silenced (fraction of examples)")
-    ax.set_ylabel("random sets")
-    ax.set_title(f"cluster {cluster} in {test['layer']}: p {test['p_drop']:.3g}, q {test['q_drop']:.3g}", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,7 +442,7 @@ def examples_part(ctx: SurveyContext, layer: str, top_k: int = 6) -> dict[str, A
     return {"units": units, "top_k": top_k}
 
 
-def render_rate(ctx: SurveyContext, layers: Sequence[str], images: int = 8, steps: int = 3) -> float:
+def render_rate(ctx: SurveyContext, layers: Sequence[str], images: int = 64, steps: int = 3) -> float:
     """Seconds per image-step of rendering `layers`' units, from a short timed run (the first
     step, which pays for tracing, is left out)."""
     import time

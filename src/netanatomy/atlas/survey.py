@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..labs.stages import run_stage
-from ..util.io import save_figure, write_json
+from ..util.io import write_json
 from ..util.progress import progress
 from . import parts as P
 
@@ -138,10 +138,11 @@ def run_survey(out: str | Path, settings: SurveySettings = SurveySettings(), *, 
                             estimate=0.0, extra={"k": settings.k, "shuffles": settings.shuffles})
     reason = P.labels_are_classes(ctx)
     if got["clusters"] is not None and reason is None:
-        lesions = _sub_clusters(got["clusters"]) * (settings.n_random + 1)
+        estimate = 0.0
+        if not _stored(results, base, "importance", {"n_random": settings.n_random}):
+            estimate = P.importance_estimate(ctx, got["clusters"], settings.n_random)
         got["importance"] = stage("importance", lambda: P.importance_part(ctx, got["clusters"], settings.n_random),
-                                  estimate=0.5 * per_example * min(n_data, P.LESION_EXAMPLES) * lesions,
-                                  extra={"n_random": settings.n_random})
+                                  estimate=estimate, extra={"n_random": settings.n_random})
         got["coherence"] = stage("coherence", lambda: P.coherence_part(ctx, got["clusters"], settings.n_random),
                                  estimate=per_example * n_data, extra={"n_random": settings.n_random})
     else:
@@ -187,9 +188,10 @@ def run_survey(out: str | Path, settings: SurveySettings = SurveySettings(), *, 
     return doc
 
 
-def _sub_clusters(clusters_doc: dict) -> int:
-    return len({(c["id"], u["layer"]) for c in clusters_doc.get("clusters", []) for u in c["units"]
-                if u["layer"] != "input"})
+def _stored(results: Path, base: dict, part: str, extra: dict) -> bool:
+    from ..labs.stages import read_stage
+
+    return read_stage(results, _file_name(part), {**base, "part": part, **extra}) is not None
 
 
 def _file_name(part: str) -> str:
@@ -371,8 +373,8 @@ def ctx_data_name(settings: SurveySettings, ctx: P.SurveyContext) -> str:
 def _banding_summary(b: dict | None) -> dict | None:
     if not b or b.get("horizontal") is None:
         return None
-    keys = ("horizontal", "vertical", "index", "orientation", "p", "effective_kernels", "share_h_over_v")
-    return {k: b.get(k) for k in keys}
+    keys = ("horizontal", "vertical", "index", "orientation", "effective_kernels", "share_h_over_v")
+    return {**{k: b.get(k) for k in keys}, "p": b.get("p_value")}
 
 
 def _branch_summary(b: dict | None) -> dict | None:
@@ -429,19 +431,13 @@ def _clusters_out(ctx: P.SurveyContext, clusters_doc, importance_doc, coherence_
         units: dict[str, list[int]] = {}
         for u in c["units"]:
             units.setdefault(u["layer"], []).append(int(u["index"]))
-        figures = {}
+        figures: dict[str, str] = {}  # the site draws each sub-cluster's lesion against its random sets
         entry_importance = None
         if cid in lesions:
             entry_importance = {"by_layer": [{"layer": t["layer"], "units": t["size"], "drop": t["drop"],
                                               "random_drops": t.get("random_drops", []), "p": t["p_drop"],
                                               "q": t["q_drop"], "specificity": t["specificity"],
                                               "p_specificity": t["p_specificity"]} for t in lesions[cid]]}
-            worst = max(lesions[cid], key=lambda t: t["size"])
-            if worst.get("random_drops"):
-                fig = P.importance_figure(cid, worst)
-                path = save_figure(fig, ctx.file("clusters", f"{cid}_importance.png"), dpi=100, bbox_inches="tight")
-                P._close(fig)
-                figures["importance"] = ctx.rel(path)
         entry_coherence = None
         if cid in coh:
             entry_coherence = {"by_layer": [{"layer": t["layer"], "units": t["size"], "statistic": t["kind"],
@@ -459,19 +455,19 @@ def headlines(doc: dict[str, Any]) -> list[dict[str, str]]:
         b = lay.get("banding")
         if b and b.get("orientation") in ("horizontal", "vertical") and (b.get("p") or 1) < 0.01:
             out.append({"text": f"{lay['name']} bands {b['orientation']}ly: H {b['horizontal']:.2f} vs V "
-                                f"{b['vertical']:.2f}, p {b['p']:.3g}", "link": f"layers/{lay['name']}/index.html"})
+                                f"{b['vertical']:.2f}, p {b['p']:.3g}", "link": {"layer": lay["name"]}})
     for lay in doc["layers"]:
         bs = lay.get("branch_stats") or {}
         for t in bs.get("tests", []):
             if t["q"] < 0.05 and t["count"] > t["expected"]:
                 out.append({"text": f"{t['category']} units enriched in branch {t['branch']} of {lay['name']}: "
                                     f"{t['count']} vs {t['expected']:.1f} expected, q {t['q']:.2g}",
-                            "link": f"layers/{lay['name']}/index.html"})
+                            "link": {"layer": lay["name"]}})
         c = bs.get("correlation")
         if c and c.get("p", 1) < 0.05:
             out.append({"text": f"units of {lay['name']} correlate more within branches than between: "
                                 f"{c['within']:.2f} vs {c['between']:.2f}, p {c['p']:.2g}",
-                        "link": f"layers/{lay['name']}/index.html"})
+                        "link": {"layer": lay["name"]}})
     cl = doc.get("clusterability")
     if cl and cl.get("shuffles"):
         verdict = "more clusterable than" if (cl["p"] or 1) < 0.05 else "not more clusterable than"
@@ -483,13 +479,13 @@ def headlines(doc: dict[str, Any]) -> list[dict[str, str]]:
         hits = [(cid, t) for cid, t in important if t["q"] < 0.05]
         out.append({"text": f"{len(hits)} of {len(important)} sub-clusters hurt accuracy more than random sets "
                             f"of their size (q < 0.05)",
-                    "link": f"clusters/{hits[0][0]}.html" if hits else "index.html#clusters"})
+                    "link": {"cluster": hits[0][0]} if hits else "index.html#clusters"})
     for lay in doc["layers"]:
         fam = lay.get("families")
         if fam and fam.get("families"):
             n_units = sum(len(f.get("units", [])) for f in fam["families"])
             out.append({"text": f"{len(fam['families'])} rotation families in {lay['name']} ({n_units} units)",
-                        "link": f"layers/{lay['name']}/index.html"})
+                        "link": {"layer": lay["name"]}})
     return out
 
 
