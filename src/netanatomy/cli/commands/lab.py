@@ -104,3 +104,58 @@ def _human(doc: dict) -> str:
 
 def _num(x, width: int, spec: str) -> str:
     return f"{'n/a':>{width}}" if x is None else f"{x:>{width}{spec}}"
+
+
+@command.command("branches", short_help="Branch emergence: conv1 of a split vs an unsplit AlexNet on colour images.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/lab-branches", show_default=True,
+              help="Folder for checkpoints, stage results, pictures and the results table (re-used on a re-run).")
+@click.option("--seeds", default=None, metavar="LIST", help="Seeds to train, e.g. 0,1,2 or 0-4  [default: 0-4].")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Training epochs of every network  [default: 12].")
+@click.option("--data", default=None, metavar="DATA",
+              help="Labelled colour images (photos, cifar10:DIR, folder:DIR, ...), read at 32 px  "
+                   "[default: photos?scale=0.03-0.15, patches of the machine's photos].")
+@click.option("--width", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Width multiplier of the small AlexNet (0.5: 32 conv1 filters, 16 a group)  [default: 0.5].")
+@click.option("--quick", is_flag=True, help="Smoke run: 1 seed, 2 epochs on 1500 images of a quarter-width net, "
+                                            "999 relabellings.")
+@device_option
+@json_option
+def branches(out, seeds, epochs, data, width, quick, device, as_json) -> None:
+    """AlexNet's first two conv layers split in two groups that meet at conv3, trained on colour
+    natural images, next to the same network unsplit, for every seed: per group the mean
+    colourfulness and frequency of conv1's filters (which group is the colour one, permutation
+    p), and for the unsplit net the SVD of conv2's |W| against the filters' colourfulness and
+    frequency; writes OUT/results.json, OUT/results.md and each seed's filter pictures."""
+    from ...labs.branches import FULL, QUICK, open_lab_data, run_branches, with_overrides
+    from ...util.progress import enabled
+
+    settings = with_overrides(QUICK if quick else FULL, seeds=parse_seeds(seeds) if seeds is not None else None,
+                              epochs=epochs, data=data, width=width).checked()
+    check_output(out, folder=True)
+    lab_data = open_lab_data(settings)
+
+    def log(message: str) -> None:
+        if enabled():
+            click.echo(f"lab branches: {message}", err=True)
+
+    spelled = (f"netanatomy lab branches --out {out} --seeds {','.join(map(str, settings.seeds))} "
+               f"--epochs {settings.epochs} --data '{settings.data}' --width {settings.width:g}"
+               + (" --quick" if quick else ""))
+    doc = run_branches(out, settings, device=device, log=log, command=spelled, data=lab_data)
+    emit(doc, as_json, _branches_human)
+
+
+def _branches_human(doc: dict) -> str:
+    lines = [f"{'seed':>4} {'acc':>6} {'col g0':>7} {'col g1':>7} {'freq g0':>8} {'freq g1':>8} {'colour':>6} "
+             f"{'p':>7} {'unsplit':>7} {'v0~col':>7}"]
+    for r in doc["rows"]:
+        s, u = r["split"], r["unsplit"]
+        v0 = u["svd"]["raw"]["vector_0"].get("colourfulness") or {}
+        lines.append(f"{r['seed']:>4} {_num(s['test_accuracy'], 6, '.3f')} {s['colourfulness'][0]:>7.3f} "
+                     f"{s['colourfulness'][1]:>7.3f} {s['frequency'][0]:>8.3f} {s['frequency'][1]:>8.3f} "
+                     f"{s['colour_group']:>6} {_num(s['colourfulness_p'], 7, '.3g')} "
+                     f"{_num(u['test_accuracy'], 7, '.3f')} {_num(v0.get('r'), 7, '.2f')}")
+    lines.append(f"article: {doc['anchor']['split']}")
+    lines += doc["summary"]
+    lines.append(f"results: {doc['out']}/results.json, {doc['out']}/results.md ({doc['wall_s']:.0f} s)")
+    return "\n".join(lines)

@@ -10,6 +10,18 @@ tower and low-frequency colour in the other (Branch Specialization).
 `small=True` keeps the topology but shrinks kernels, strides and widths for 32 to 64 pixel
 colour images, so the branch-emergence experiment trains on a CPU; it also pools before the
 normalization (CaffeNet's order), which makes the LRN 4x cheaper on the large first map.
+
+`towers=1` is the same network unsplit (no groups anywhere, one LRN over all channels, the same
+widths): the control of the branch-emergence experiment, whose conv1 -> conv2 weights show by
+their SVD whether the split is latent without branches. `stride1` overrides conv1's stride (2 on
+32 px images: a 16 x 16 first map, and everything after it, at about a quarter of the cost of
+stride 1).
+
+`conv1_std` draws conv1's weights from N(0, std^2) with zero biases, the paper's initialization
+(0.01 for every layer) applied to the first layer alone; None keeps PyTorch's default
+(uniform, +-1/sqrt(fan_in): std 0.067 for a 5x5x3 kernel). A short training moves first-layer
+weights little, so at the default scale the random draw still dominates the filters; at 0.01
+what they show is what was learned.
 """
 from __future__ import annotations
 
@@ -45,17 +57,25 @@ class AlexNet(nn.Module):
         dropout: float = 0.5,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        towers: int = TOWERS,
+        stride1: int | None = None,
+        conv1_std: float | None = None,
     ):
         super().__init__()
         check_positive(num_classes=num_classes, width=width, in_channels=in_channels)
+        if towers not in (1, TOWERS):
+            raise UsageError(f"towers must be 1 (unsplit) or {TOWERS}, got {towers}")
+        if stride1 is not None and stride1 < 1:
+            raise UsageError(f"stride1 must be at least 1, got {stride1}")
+        if conv1_std is not None and not conv1_std > 0:
+            raise UsageError(f"conv1_std must be positive, got {conv1_std}")
         if not 0.0 <= dropout < 1.0:
             raise UsageError(f"dropout must be in [0, 1), got {dropout}")
         spec = SMALL if small else FULL
         size = int(input_size if input_size is not None else (32 if small else 224))
-        if small:
-            stride1, pad1 = (2 if size >= 64 else 1), 2
-        else:
-            stride1, pad1 = 4, 2
+        if stride1 is None:
+            stride1 = (2 if size >= 64 else 1) if small else 4
+        pad1 = 2
         # Spatial sizes: conv1, pool1, conv2 (same), pool2, conv3-5 (same), pool5.
         s = conv_out(size, spec["kernel1"], stride1, pad1)
         for _ in range(3):
@@ -69,19 +89,22 @@ class AlexNet(nn.Module):
             mean, std = default_stats(in_channels)
         self.netanatomy_input_shape = (in_channels, size, size)
         self.netanatomy_aliases: dict[str, str] = {}
-        self.towers = TOWERS
+        self.towers = towers
         self.pool_before_norm = small
 
         self.normalize = normalizer(in_channels, mean, std)
         self.conv1 = nn.Conv2d(in_channels, c1, spec["kernel1"], stride=stride1, padding=pad1)
-        self.norm1 = GroupedLRN(c1, TOWERS, **LRN)
+        if conv1_std is not None:
+            nn.init.normal_(self.conv1.weight, 0.0, conv1_std)
+            nn.init.zeros_(self.conv1.bias)
+        self.norm1 = GroupedLRN(c1, towers, **LRN)
         self.pool1 = nn.MaxPool2d(3, 2)
-        self.conv2 = nn.Conv2d(c1, c2, spec["kernel2"], padding=spec["kernel2"] // 2, groups=TOWERS)
-        self.norm2 = GroupedLRN(c2, TOWERS, **LRN)
+        self.conv2 = nn.Conv2d(c1, c2, spec["kernel2"], padding=spec["kernel2"] // 2, groups=towers)
+        self.norm2 = GroupedLRN(c2, towers, **LRN)
         self.pool2 = nn.MaxPool2d(3, 2)
         self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
-        self.conv4 = nn.Conv2d(c3, c4, 3, padding=1, groups=TOWERS)
-        self.conv5 = nn.Conv2d(c4, c5, 3, padding=1, groups=TOWERS)
+        self.conv4 = nn.Conv2d(c3, c4, 3, padding=1, groups=towers)
+        self.conv5 = nn.Conv2d(c4, c5, 3, padding=1, groups=towers)
         self.pool5 = nn.MaxPool2d(3, 2)
         self.drop6 = nn.Dropout(dropout)
         self.fc6 = nn.Linear(c5 * s * s, hidden)
@@ -116,7 +139,8 @@ register(ZooEntry(
     factory=alexnet,
     description=(
         "Original two-tower AlexNet (groups=2 on conv2/4/5, per-tower LRN); small=True for 32-64 px "
-        "colour images (branch emergence)"
+        "colour images (branch emergence); towers=1 unsplit, stride1=N conv1's stride, conv1_std=S "
+        "conv1's Gaussian init"
     ),
     input_shape=(3, 224, 224),
     num_classes=1000,
