@@ -114,3 +114,17 @@ def test_importance_is_skipped_when_labels_are_not_the_models_classes(tmp_path, 
     doc = run_survey(tmp_path / "d", settings, loaded=loaded, dataset=photos, build=False)
     assert doc["survey"]["parts"]["importance"]["status"] == "skipped"
     assert "not the model's classes" in doc["survey"]["parts"]["importance"]["reason"]
+
+
+def test_a_concatenation_with_paged_paths_shows_its_paths_pictures(loaded):
+    from netanatomy.atlas.survey import _pictures, own_pictures
+    from netanatomy.models.layers import discover_layers
+
+    lm = discover_layers(loaded.module, loaded.input_shape)
+    paths = [b.name for b in lm.resolve("mixed1").branches]
+    assert own_pictures(lm, ["conv1", *paths, "mixed1"]) == ["conv1", *paths]
+    assert own_pictures(lm, ["conv1", "mixed1"]) == ["conv1", "mixed1"]
+    layers_doc = [{"name": "mixed1", "kind": "concat",
+                   "branches": [{"name": b.name, "start": b.start, "stop": b.stop} for b in lm.resolve("mixed1").branches]}]
+    part = {"mixed1_3x3": {"units": {"0": "a.png", "23": "b.png"}}}
+    assert _pictures(part, layers_doc, "mixed1") == {"16": "a.png", "39": "b.png"}   # mixed1_3x3 starts at 16

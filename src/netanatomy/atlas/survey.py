@@ -154,10 +154,11 @@ def run_survey(out: str | Path, settings: SurveySettings = SurveySettings(), *, 
     # dataset examples layer by layer; renders in chunks of layers (one batched optimization each),
     # each estimate from the rate measured so far
     got["examples"], got["render"] = {}, {}
-    chunks = render_chunks(layer_map, layers)
-    bar = progress(total=len(layers) + len(chunks), desc="survey pages", unit="part")
+    drawn = own_pictures(layer_map, layers)
+    chunks = render_chunks(layer_map, drawn)
+    bar = progress(total=len(drawn) + len(chunks), desc="survey pages", unit="part")
     try:
-        for name in layers:
+        for name in drawn:
             got["examples"][name] = stage(f"examples/{name}", lambda n=name: P.examples_part(ctx, n),
                                           estimate=_examples_estimate(budget, per_example, n_data), files=("units",))
             bar.update(1)
@@ -226,6 +227,19 @@ def _forward_seconds(loaded, dataset, device: str) -> float:
         began = time.perf_counter()
         module(x.to(device))
     return (time.perf_counter() - began) / max(1, x.shape[0])
+
+
+def own_pictures(layer_map, layers: Sequence[str]) -> list[str]:
+    """The layers that need renders and examples of their own: a concatenation whose paths all
+    have pages shows its paths' pictures (its unit i is a path's unit), so it is not drawn twice."""
+    chosen = set(layers)
+    out = []
+    for name in layers:
+        lay = layer_map.resolve(name)
+        if lay.kind == "concat" and lay.branches and all(b.name in chosen for b in lay.branches):
+            continue
+        out.append(name)
+    return out
 
 
 def render_chunks(layer_map, layers: Sequence[str], max_images: int = 256) -> list[list[str]]:
@@ -335,8 +349,8 @@ def assemble(ctx: P.SurveyContext, settings: SurveySettings, got: dict[str, Any]
         n = ctx.layer_map.resolve(name).units
         probe_units = {str(r["unit"]): r for r in (probes.get(name) or {}).get("units_table", [])}
         w_units = (weights.get(name) or {}).get("units", {})
-        r_units = ((got.get("render") or {}).get(name) or {}).get("units", {})
-        e_units = ((got.get("examples") or {}).get(name) or {}).get("units", {})
+        r_units = _pictures(got.get("render"), layers_doc, name)
+        e_units = _pictures(got.get("examples"), layers_doc, name)
         per = {}
         for u in range(n):
             key = str(u)
@@ -393,6 +407,21 @@ def _branch_of_units(layers_doc: list[dict]) -> dict[tuple[str, int], str]:
         for b in lay.get("branches", []):
             for u in range(b["start"], b["stop"]):
                 out[(lay["name"], u)] = b["name"]
+    return out
+
+
+def _pictures(part: dict | None, layers_doc: list[dict], name: str) -> dict[str, str]:
+    """{unit: file} of a per-layer picture part; a concatenation's units from its paths' when it has none."""
+    part = part or {}
+    own = (part.get(name) or {}).get("units")
+    if own:
+        return own
+    lay = next((x for x in layers_doc if x["name"] == name), None)
+    out: dict[str, str] = {}
+    if lay and lay["kind"] == "concat":
+        for b in lay["branches"]:
+            for u, path in ((part.get(b["name"]) or {}).get("units") or {}).items():
+                out[str(b["start"] + int(u))] = path
     return out
 
 
