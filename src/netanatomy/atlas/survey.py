@@ -2,8 +2,8 @@
 
 Parts run cheapest and most informative first (layers, banding, weight pictures, SVD, rotation
 families, connections), then the ones that cost model passes (probes and branch statistics,
-clusters with shuffles, lesions, coherence, dataset examples, feature visualizations one layer
-at a time). Each part's result is a stage (`labs/stages.py`): written once, atomically, under
+clusters with shuffles, dataset examples layer by layer, feature visualizations in chunks of
+layers), and last coherence and lesions (the slowest, and not what a reader opens first). Each part's result is a stage (`labs/stages.py`): written once, atomically, under
 `OUT/results/`, and re-used by a later run with the same settings, so a killed survey re-run
 does only what is missing. Before an expensive part (or layer) starts, its cost is estimated
 from what the run has measured so far; if it would not fit in what is left of the budget it is
@@ -118,6 +118,8 @@ def run_survey(out: str | Path, settings: SurveySettings = SurveySettings(), *, 
             log(f"skipped {name}: {exc}")
             return None
         budget.record(name, "done", time.perf_counter() - began)
+        if estimate:
+            budget.parts[name]["estimate"] = round(float(estimate), 1)
         log(f"{name}: {time.perf_counter() - began:.1f} s")
         return result
 
@@ -136,21 +138,6 @@ def run_survey(out: str | Path, settings: SurveySettings = SurveySettings(), *, 
     got["branches"] = stage("branches", lambda: P.branches_part(ctx), estimate=per_example * (2 * min(n_data, 500) + 400 + n_data))
     got["clusters"] = stage("clusters", lambda: P.clusters_part(ctx, settings.k, settings.shuffles),
                             estimate=0.0, extra={"k": settings.k, "shuffles": settings.shuffles})
-    reason = P.labels_are_classes(ctx)
-    if got["clusters"] is not None and reason is None:
-        estimate = 0.0
-        if not _stored(results, base, "importance", {"n_random": settings.n_random}):
-            estimate = P.importance_estimate(ctx, got["clusters"], settings.n_random)
-        got["importance"] = stage("importance", lambda: P.importance_part(ctx, got["clusters"], settings.n_random),
-                                  estimate=estimate, extra={"n_random": settings.n_random})
-        got["coherence"] = stage("coherence", lambda: P.coherence_part(ctx, got["clusters"], settings.n_random),
-                                 estimate=per_example * n_data, extra={"n_random": settings.n_random})
-    else:
-        why = reason or "no clusters"
-        for name in ("importance", "coherence"):
-            budget.record(name, "skipped", reason=why)
-            got[name] = None
-
     # dataset examples layer by layer; renders in chunks of layers (one batched optimization each),
     # each estimate from the rate measured so far
     got["examples"], got["render"] = {}, {}
@@ -179,6 +166,23 @@ def run_survey(out: str | Path, settings: SurveySettings = SurveySettings(), *, 
             bar.update(1)
     finally:
         bar.close()
+
+    # lesions and coherence last: the pictures are what a reader opens first
+    reason = P.labels_are_classes(ctx)
+    if got["clusters"] is not None and reason is None:
+        got["coherence"] = stage("coherence", lambda: P.coherence_part(ctx, got["clusters"], settings.n_random),
+                                 estimate=per_example * n_data, extra={"n_random": settings.n_random})
+        estimate = 0.0
+        if not _stored(results, base, "importance", {"n_random": settings.n_random}) and budget.left() > 0:
+            estimate = P.importance_estimate(ctx, got["clusters"], settings.n_random)
+        got["importance"] = stage("importance", lambda: P.importance_part(ctx, got["clusters"], settings.n_random),
+                                  estimate=estimate,
+                                  extra={"n_random": settings.n_random})
+    else:
+        why = reason or "no clusters"
+        for name in ("importance", "coherence"):
+            budget.record(name, "skipped", reason=why)
+            got[name] = None
 
     doc = assemble(ctx, settings, got, budget)
     write_json(root / "atlas.json", doc)
