@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/netanatomy demo --out runs/demo
+	$(BIN)/netanatomy survey --out runs/atlas
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
