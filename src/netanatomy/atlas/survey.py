@@ -40,7 +40,7 @@ class SurveySettings:
     param_size: int | None = None
     k: int = 12
     shuffles: int = 19
-    n_random: int = 19              # random sets per sub-cluster: p can reach 0.05
+    n_random: int = 49              # random sets per sub-cluster: p can reach 0.02
     examples: int = 2000             # data examples used (a seeded sample when the set is larger)
     seed: int = 0
     device: str = "cpu"
