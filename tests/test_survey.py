@@ -48,7 +48,7 @@ def test_every_part_runs_and_lands_in_the_atlas(uninterrupted):
     root, doc = uninterrupted
     parts = doc["survey"]["parts"]
     for name in ("layers", "banding", "weights", "svd", "families", "connections", "probes", "branches", "clusters",
-                 "importance", "coherence", "examples/conv1", "examples/mixed1", "render/0"):
+                 "importance", "coherence", "examples/conv1", "examples/mixed1", "render/0", "diversity"):
         assert parts[name]["status"] == "done", (name, parts[name])
     layers = {lay["name"]: lay for lay in doc["layers"]}
     assert layers["mixed1"]["kind"] == "concat" and len(layers["mixed1"]["branches"]) == 4
@@ -58,6 +58,10 @@ def test_every_part_runs_and_lands_in_the_atlas(uninterrupted):
     unit = doc["units"]["mixed1"]["20"]
     assert unit["branch"] == "mixed1_3x3" and unit["render"] and unit["examples"] and unit["weights"]
     assert (root / unit["render"]).is_file() and (root / unit["examples"]).is_file()
+    samples = doc["units"]["conv1"]["2"]["diversity"]
+    assert len(samples) == 3 and len(set(samples)) == 3 and all((root / f).is_file() for f in samples)
+    assert len({(root / f).read_bytes() for f in samples}) == 3     # three different images
+    assert doc["units"]["conv1"]["12"]["diversity"] == []           # only the first 8 units of a layer
     assert unit["upstream"] == [] and unit["downstream"]            # read by mixed2's convs
     up = doc["units"]["conv1"]["3"]["upstream"]
     assert up and up[0]["layer"] == "input"

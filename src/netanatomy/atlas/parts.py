@@ -491,3 +491,46 @@ def render_part(ctx: SurveyContext, layers: Sequence[str]) -> dict[str, Any]:
                          "steps": ctx.steps, "grid": grid}
         start += lay.units
     return out
+
+
+DIVERSITY_COPIES = 3     # images per unit in a diversity group
+DIVERSITY_UNITS = 8      # units per layer that get diversity samples (the first ones)
+DIVERSITY_WEIGHT = 100.0
+
+
+def diversity_units(ctx: SurveyContext, layers: Sequence[str]) -> list[tuple[str, int]]:
+    """The (layer, unit) pairs that get diversity samples: the first units of every layer with maps."""
+    out = []
+    for name in layers:
+        lay = ctx.layer_map.resolve(name)
+        if lay.spatial:
+            out += [(lay.name, u) for u in range(min(lay.units, DIVERSITY_UNITS))]
+    return out
+
+
+def diversity_part(ctx: SurveyContext, layers: Sequence[str]) -> dict[str, Any]:
+    """Several different images that each excite a unit: its channel objective plus a Gram-matrix
+    diversity term shared by its copies (Lucid's recipe), all units in one batched optimization."""
+    from ..visualize import channel, diversity, render
+
+    pairs = diversity_units(ctx, layers)
+    if not pairs:
+        return {}
+    objectives = []
+    for name, u in pairs:
+        obj = channel(name, u) + DIVERSITY_WEIGHT * diversity(name, key=f"unit{u}")
+        objectives += [obj] * DIVERSITY_COPIES
+    rendering = render(ctx.module, objectives, steps=ctx.steps, seed=ctx.seed, device=ctx.device,
+                       show_progress=False, param_size=ctx.param_size)
+    images = rendering.images.permute(0, 2, 3, 1).numpy()
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    out: dict[str, dict[str, list[str]]] = {}
+    for i, (name, u) in enumerate(pairs):
+        files = []
+        for k in range(DIVERSITY_COPIES):
+            path = ctx.file("render", stem(name), f"{u}_d{k}.png")
+            save_png(images[i * DIVERSITY_COPIES + k], path)
+            files.append(ctx.rel(path))
+        out.setdefault(name, {})[str(u)] = files
+    return out

@@ -166,6 +166,11 @@ def run_survey(out: str | Path, settings: SurveySettings = SurveySettings(), *, 
             bar.update(1)
     finally:
         bar.close()
+    pairs = P.diversity_units(ctx, drawn)
+    got["diversity"] = stage("diversity", lambda: P.diversity_part(ctx, drawn),
+                             estimate=_render_estimate(budget, len(pairs) * P.DIVERSITY_COPIES, settings.steps),
+                             extra={"layers": drawn, "steps": settings.steps, "param_size": settings.param_size,
+                                    "copies": P.DIVERSITY_COPIES, "units": P.DIVERSITY_UNITS}) if pairs else None
 
     # lesions and coherence last: the pictures are what a reader opens first
     reason = P.labels_are_classes(ctx)
@@ -360,7 +365,8 @@ def assemble(ctx: P.SurveyContext, settings: SurveySettings, got: dict[str, Any]
             key = str(u)
             probe = probe_units.get(key)
             per[key] = {
-                "render": r_units.get(key), "diversity": [], "examples": e_units.get(key),
+                "render": r_units.get(key), "diversity": _diversity(got.get("diversity"), layers_doc, name, u),
+                "examples": e_units.get(key),
                 "weights": w_units.get(key) or _branch_weight_picture(layers_doc, weights, name, u),
                 "probe": {k: v for k, v in probe.items() if k != "unit"} if probe else None,
                 "branch": branch_of.get((name, u)), "cluster": cluster_of.get((name, u)),
@@ -427,6 +433,19 @@ def _pictures(part: dict | None, layers_doc: list[dict], name: str) -> dict[str,
             for u, path in ((part.get(b["name"]) or {}).get("units") or {}).items():
                 out[str(b["start"] + int(u))] = path
     return out
+
+
+def _diversity(part: dict | None, layers_doc: list[dict], name: str, unit: int) -> list[str]:
+    """A unit's diversity samples; a concatenation's unit has its path's."""
+    part = part or {}
+    if name in part:
+        return list(part[name].get(str(unit), []))
+    lay = next((x for x in layers_doc if x["name"] == name), None)
+    if lay and lay["kind"] == "concat":
+        for b in lay["branches"]:
+            if b["start"] <= unit < b["stop"]:
+                return list((part.get(b["name"]) or {}).get(str(unit - b["start"]), []))
+    return []
 
 
 def _branch_weight_picture(layers_doc, weights, name: str, unit: int) -> str | None:
