@@ -522,10 +522,17 @@ def headlines(doc: dict[str, Any]) -> list[dict[str, str]]:
                         "link": {"layer": lay["name"]}})
     cl = doc.get("clusterability")
     if cl and cl.get("shuffles"):
-        verdict = "more clusterable than" if (cl["p"] or 1) < 0.05 else "not more clusterable than"
-        out.append({"text": f"the weight graph is {verdict} its shuffles: n-cut {cl['ncut']:.3f} vs "
-                            f"{cl['null_mean']:.3f} ± {cl['null_std']:.3f}, p {cl['p']:.2g} ({cl['shuffles']} shuffles)",
-                    "link": "index.html#clusters"})
+        floor = 1.0 / (cl["shuffles"] + 1)
+        numbers = (f"n-cut {cl['ncut']:.3f} vs {cl['null_mean']:.3f} ± {cl['null_std']:.3f}, p {cl['p']:.2g} "
+                   f"({cl['shuffles']} shuffles)")
+        if (cl["p"] or 1) < 0.05:
+            text = f"the weight graph is more clusterable than its shuffles: {numbers}"
+        elif cl["p"] is not None and cl["p"] <= floor + 1e-12:
+            text = (f"the weight graph's n-cut is below all of its shuffles, but {cl['shuffles']} shuffles cannot "
+                    f"give p < 0.05: {numbers}")
+        else:
+            text = f"the weight graph is not more clusterable than its shuffles: {numbers}"
+        out.append({"text": text, "link": "index.html#clusters"})
     important = [(c["id"], t) for c in doc["clusters"] for t in ((c.get("importance") or {}).get("by_layer") or [])]
     if important:
         hits = [(cid, t) for cid, t in important if t["q"] < 0.05]
