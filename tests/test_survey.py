@@ -132,3 +132,17 @@ def test_a_concatenation_with_paged_paths_shows_its_paths_pictures(loaded):
                    "branches": [{"name": b.name, "start": b.start, "stop": b.stop} for b in lm.resolve("mixed1").branches]}]
     part = {"mixed1_3x3": {"units": {"0": "a.png", "23": "b.png"}}}
     assert _pictures(part, layers_doc, "mixed1") == {"16": "a.png", "39": "b.png"}   # mixed1_3x3 starts at 16
+
+
+def test_connections_skip_links_a_depthwise_conv_does_not_have():
+    from torch import nn
+
+    from netanatomy.atlas.parts import SurveyContext, connections_part
+    from netanatomy.models.layers import discover_layers
+
+    model = nn.Sequential(nn.Conv2d(3, 6, 1), nn.ReLU(), nn.Conv2d(6, 6, 3, groups=6, padding=1), nn.ReLU())
+    lm = discover_layers(model, (3, 8, 8))
+    ctx = SurveyContext(type("L", (), {"module": model})(), lm, None, Path("."), [], 0, "cpu", 1, None)
+    out = connections_part(ctx)
+    down = out["0"]["2"]["downstream"]
+    assert [d["unit"] for d in down] == [2]          # channel 2 feeds depthwise unit 2 only

@@ -414,14 +414,14 @@ def connections_part(ctx: SurveyContext, top: int = 5) -> dict[str, Any]:
         for u in range(m.shape[0]):
             best = np.argsort(-m[u], kind="stable")[:kk]
             entry(layer.name, u)["upstream"] = [{"layer": lower_name, "unit": int(i), "weight": float(m[u, i])}
-                                                for i in best]
+                                                for i in best if m[u, i] > 0]   # no links that do not exist
         if lower == INPUT:
             continue
         kk = min(top, m.shape[0])
         for i in range(lower_units):
             best = np.argsort(-m[:, i], kind="stable")[:kk]
             entry(lower, i)["downstream"] += [{"layer": layer.name, "unit": int(u), "weight": float(m[u, i])}
-                                              for u in best]
+                                              for u in best if m[u, i] > 0]
     for layer_units in out.values():
         for e in layer_units.values():
             e["downstream"] = sorted(e["downstream"], key=lambda d: -d["weight"])[:top]
