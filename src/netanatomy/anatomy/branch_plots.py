@@ -8,7 +8,7 @@ import numpy as np
 from .branch_stats import LayerBranchStats
 from .plots import _BRANCH_COLOURS
 
-__all__ = ["category_share_figure", "correlation_figure"]
+__all__ = ["branch_figures", "category_share_figure", "correlation_figure"]
 
 
 def _pyplot():
@@ -86,3 +86,56 @@ def category_share_figure(stats: LayerBranchStats, *, max_categories: int = 12) 
               title="branch (units)", title_fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def branch_figures(module, layer_map, stats: LayerBranchStats, out_dir) -> dict[str, str]:
+    """Correlation matrix, category shares and (where a conv reads or is the layer) the SVD of |W|."""
+    import matplotlib.pyplot as plt
+
+    from ..util.io import file_stem
+    from ..util.io import save_figure
+
+    stem = file_stem(stats.population.layer)
+    files = {}
+    if stats.corr is not None:
+        fig = correlation_figure(stats)
+        files["correlation"] = str(save_figure(fig, out_dir / f"{stem}_correlation.png", dpi=110, bbox_inches="tight"))
+        plt.close(fig)
+    if stats.tests:
+        fig = category_share_figure(stats)
+        files["categories"] = str(save_figure(fig, out_dir / f"{stem}_categories.png", dpi=110, bbox_inches="tight"))
+        plt.close(fig)
+    fig = _svd_figure(module, layer_map, stats.population)
+    if fig is not None:
+        files["svd"] = str(save_figure(fig, out_dir / f"{stem}_svd.png", dpi=110, bbox_inches="tight"))
+        plt.close(fig)
+    return files
+
+
+def _svd_figure(module, layer_map, pop):
+    """SVD of |W| with this layer's units coloured by branch: as the lower units of the conv that
+    reads the layer, else as the upper units of the grouped conv itself; None for residual sums."""
+    from ..errors import UsageError
+    from .graph import feeding_layer
+    from .plots import svd_placement_figure
+    from .svd import layer_svd
+
+    if pop.kind == "residual":
+        return None
+    labels, names = pop.branch_of_unit(), [p.name for p in pop.parts]
+    for reader in layer_map.values():
+        if reader.kind == "conv" and not reader.depthwise and feeding_layer(module, layer_map, reader) == pop.layer:
+            try:
+                report = layer_svd(module, layer_map, reader.name)
+            except UsageError:
+                continue
+            if report.svd.lower.shape[0] == pop.units:
+                return svd_placement_figure(report, groups={"lower": (labels, names)})
+    layer = layer_map.resolve(pop.layer)
+    if layer.kind == "conv" and layer.groups > 1:
+        try:
+            report = layer_svd(module, layer_map, layer.name)
+        except UsageError:
+            return None
+        return svd_placement_figure(report, groups={"upper": (labels, names)})
+    return None

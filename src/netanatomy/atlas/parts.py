@@ -51,7 +51,7 @@ class SurveyContext:
 
 def stem(name: str) -> str:
     """A file name for a layer name (the names users type may hold dots and @)."""
-    from ..cli.commands.weights import file_stem
+    from ..util.io import file_stem
 
     return file_stem(name)
 
@@ -265,7 +265,7 @@ def _channels(ctx: SurveyContext) -> int:
 
 def branches_part(ctx: SurveyContext, examples: int = 1000, permutations: int = 999) -> dict[str, Any]:
     from ..anatomy import branch_stats as bs
-    from ..cli.commands.branches import _figures
+    from ..anatomy.branch_plots import branch_figures
 
     layers = bs.branched_layers(ctx.layer_map)
     if not layers:
@@ -284,7 +284,7 @@ def branches_part(ctx: SurveyContext, examples: int = 1000, permutations: int = 
     for s in stats:
         s.rules = found[s.population.layer]["rules"]
         doc = s.to_json()
-        files = _figures(ctx.module, ctx.layer_map, s, ctx.root / "files" / "branches")
+        files = branch_figures(ctx.module, ctx.layer_map, s, ctx.root / "files" / "branches")
         doc["figures"] = {k: ctx.rel(Path(v)) for k, v in files.items()}
         out.append(doc)
     return {"layers": out}

@@ -148,3 +148,10 @@ def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
     with atomic_open(path, "wb") as handle:
         Image.fromarray(arr).save(handle, format="PNG")
     return path
+
+
+def file_stem(name: str) -> str:
+    """A file name for a layer or objective name (the names users type may hold dots, @ and /)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "layer"

@@ -98,6 +98,7 @@ def command(model, weights, model_args, input_shape, layers, data, split, labels
     from pathlib import Path
 
     from ...anatomy import branch_stats as bs
+    from ...anatomy.branch_plots import branch_figures
     from ...models.layers import discover_layers
     from ...util.io import write_json
 
@@ -156,60 +157,7 @@ def command(model, weights, model_args, input_shape, layers, data, split, labels
     if out:
         out_dir = Path(out)
         for s, lay in zip(stats, result["layers"]):
-            lay["figures"] = _figures(module, layer_map, s, out_dir)
+            lay["figures"] = branch_figures(module, layer_map, s, out_dir)
         result["out"] = str(out_dir)
         write_json(out_dir / "branches.json", result)
     emit(result, as_json, _human)
-
-
-def _figures(module, layer_map, stats, out_dir) -> dict[str, str]:
-    """Correlation matrix, category shares and (where a conv reads or is the layer) the SVD of |W|."""
-    import matplotlib.pyplot as plt
-
-    from ...anatomy.branch_plots import category_share_figure, correlation_figure
-    from ...util.io import save_figure
-    from .weights import file_stem
-
-    stem = file_stem(stats.population.layer)
-    files = {}
-    if stats.corr is not None:
-        fig = correlation_figure(stats)
-        files["correlation"] = str(save_figure(fig, out_dir / f"{stem}_correlation.png", dpi=110, bbox_inches="tight"))
-        plt.close(fig)
-    if stats.tests:
-        fig = category_share_figure(stats)
-        files["categories"] = str(save_figure(fig, out_dir / f"{stem}_categories.png", dpi=110, bbox_inches="tight"))
-        plt.close(fig)
-    fig = _svd_figure(module, layer_map, stats.population)
-    if fig is not None:
-        files["svd"] = str(save_figure(fig, out_dir / f"{stem}_svd.png", dpi=110, bbox_inches="tight"))
-        plt.close(fig)
-    return files
-
-
-def _svd_figure(module, layer_map, pop):
-    """SVD of |W| with this layer's units coloured by branch: as the lower units of the conv that
-    reads the layer, else as the upper units of the grouped conv itself; None for residual sums."""
-    from ...anatomy import feeding_layer, layer_svd
-    from ...anatomy.plots import svd_placement_figure
-    from ...errors import UsageError
-
-    if pop.kind == "residual":
-        return None
-    labels, names = pop.branch_of_unit(), [p.name for p in pop.parts]
-    for reader in layer_map.values():
-        if reader.kind == "conv" and not reader.depthwise and feeding_layer(module, layer_map, reader) == pop.layer:
-            try:
-                report = layer_svd(module, layer_map, reader.name)
-            except UsageError:
-                continue
-            if report.svd.lower.shape[0] == pop.units:
-                return svd_placement_figure(report, groups={"lower": (labels, names)})
-    layer = layer_map.resolve(pop.layer)
-    if layer.kind == "conv" and layer.groups > 1:
-        try:
-            report = layer_svd(module, layer_map, layer.name)
-        except UsageError:
-            return None
-        return svd_placement_figure(report, groups={"upper": (labels, names)})
-    return None

@@ -1,10 +1,11 @@
 """`netanatomy render MODEL --layer L --out DIR`: feature visualizations, one batched optimization."""
 from __future__ import annotations
 
-import re
 import time
 
 import click
+
+from ...util.io import file_stem
 
 from ..options import (
     check_output,
@@ -37,9 +38,6 @@ def objective_class(obj, loaded, layer_map, logits: str | None) -> str:
     return class_name(loaded, term.units[0]) if name == logits else ""
 
 
-def file_stem(name: str) -> str:
-    """An objective name as a file name: 'mixed4a:97' -> 'mixed4a_97'."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "objective"
 
 
 @click.command("render")

@@ -1,10 +1,9 @@
 """`netanatomy weights MODEL --layer L --out DIR`: NMF weight pictures of a layer."""
 from __future__ import annotations
 
-import re
-
 import click
 
+from ...util.io import file_stem
 from ..options import (
     check_output,
     device_option,
@@ -15,10 +14,6 @@ from ..options import (
     model_argument,
     seed_option,
 )
-
-
-def file_stem(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "layer"
 
 
 @click.command("weights")
