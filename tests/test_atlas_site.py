@@ -382,3 +382,19 @@ def test_minimal_atlas_builds(tmp_path):
     html = (tmp_path / "index.html").read_text()
     assert "not computed: the survey reported no findings" in html
     assert (tmp_path / "layers" / "fc" / "index.html").is_file()
+
+
+def test_a_reused_part_is_not_a_reason_for_a_missing_picture(tmp_path):
+    import json as _json
+
+    from netanatomy.atlas.site import Site, load_atlas
+
+    root = tmp_path / "site"
+    write_fixture_atlas(root)
+    doc = _json.loads((root / "atlas.json").read_text())
+    doc["survey"]["parts"]["weights"] = {"status": "done (re-used)", "seconds": 1.0}
+    doc["survey"]["parts"]["render"] = {"status": "left out", "seconds": 0.0, "reason": "the budget"}
+    (root / "atlas.json").write_text(_json.dumps(doc))
+    site = Site(root, load_atlas(root))
+    assert site.part_reason("weights") is None
+    assert site.part_reason("render") == "the survey's render part was left out (the budget)"

@@ -297,8 +297,8 @@ class Site:
             record = record or next((r for name, r in parts.items() if name.startswith(f"{part}/")
                                      and isinstance(r, dict) and layer in (r.get("layers") or [])), None)
         record = record or parts.get(part)
-        if not isinstance(record, dict) or record.get("status") in (None, "done"):
-            return None
+        if not isinstance(record, dict) or str(record.get("status") or "done").startswith("done"):
+            return None  # "done" and "done (re-used)": the part ran, so it is not why something is missing
         reason = record.get("reason")
         return f"the survey's {part} part was {record['status']}" + (f" ({reason})" if reason else "")
 
@@ -621,6 +621,10 @@ def why_no_weights(site: Site, lay: dict[str, Any], part: str) -> str:
         return reason
     if part == "banding" and isinstance(k, (list, tuple)) and k and max(k) <= 1:
         return "1×1 kernels have no spatial pattern to band"
+    if part == "weights" and isinstance(k, (list, tuple)) and k and max(k) <= 1:
+        return "1×1 kernels have no spatial picture (see the layer's SVD for who connects to whom)"
+    if part == "weights" and lay["kind"] == "linear":
+        return "a linear layer's weights are drawn only when it reads a map"
     if part == "banding" and lay["kind"] == "linear":
         return "a linear layer fed by pooled features has no kernels"
     if part == "svd" and lay["reads"] == [INPUT]:
