@@ -29,12 +29,10 @@ OUT/results.json and OUT/results.md, one row per seed beside the article's findi
 """
 from __future__ import annotations
 
-import os
-import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +41,9 @@ import torch
 from torch import Tensor
 
 from ..errors import UsageError
+from ..util.figures import pyplot
 from ..util.io import write_json, write_text
-from .stages import StageResult, run_stage
+from .stages import StageResult, fmt, machine_record, run_stage, with_overrides
 
 MODEL = "zoo:alexnet"
 ARMS = ("split", "unsplit")
@@ -277,9 +276,6 @@ def unsplit_svd(module, layer_map) -> tuple[dict[str, Any], Any]:
 # Figures
 
 
-def _fmt(x: Any, spec: str = ".3g") -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
-
 
 def group_filters_figure(filters: Tensor, stats: dict[str, Any], title: str) -> Any:
     """The two groups' conv1 filters side by side, each labelled with its unit and colourfulness.
@@ -288,10 +284,7 @@ def group_filters_figure(filters: Tensor, stats: dict[str, Any], title: str) -> 
     colourfulness, so a colour group and a grey group are told apart at a glance. Laid out in
     inches (a fixed band for titles and caption) so that any group size fits without overlap.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from ..core.pictures import filters_to_rgb
 
@@ -325,7 +318,7 @@ def group_filters_figure(filters: Tensor, stats: dict[str, Any], title: str) -> 
         ax.set_xlabel("filters sorted by colourfulness; label = conv1 unit: its colourfulness", fontsize=6.5)
     test = stats["colourfulness_test"]
     fig.text(0.5, 1 - 0.12 / height, f"{title}\ncolourfulness difference {stats['colourfulness_difference']:.2f}, "
-             f"permutation p {_fmt(test['p'])} ({test['n']} relabellings of the units' groups)",
+             f"permutation p {fmt(test['p'])} ({test['n']} relabellings of the units' groups)",
              ha="center", va="top", fontsize=9)
     fig.text(0.5, 0.06 / height, "Each filter is drawn as the RGB image it responds to most (grey = 0; 0.5 + w / 2 "
              "max|w| per filter).\nColourfulness: share of the filter's energy off the grey axis (0 = black-and-white, "
@@ -465,8 +458,7 @@ def run_branches(out: str | Path, settings: BranchesSettings = FULL, *, device: 
         "anchor": ANCHOR,
         "rows": rows,
         "across_seeds": across_seeds(rows),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "cpus": os.cpu_count(), "torch_threads": 1, "device": str(dev)},
+        "machine": machine_record(dev, 1),
         "wall_s": time.perf_counter() - began,
         "compute_s": sum(sum(r["seconds"].values()) for r in rows),
         "out": str(out),
@@ -577,14 +569,14 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
     n = a["seeds"]
     return [
         f"colour group (conv1 group colourfulness difference, permutation p < {ALPHA}): {a['colour_group_seeds']} of "
-        f"{n} seeds (binomial p {_fmt(a['colour_group_binomial_p'])} against {ALPHA} a seed under the null; Fisher's "
-        f"combined p {_fmt(a['colour_group_fisher_p'])}); the colour group is group "
+        f"{n} seeds (binomial p {fmt(a['colour_group_binomial_p'])} against {ALPHA} a seed under the null; Fisher's "
+        f"combined p {fmt(a['colour_group_fisher_p'])}); the colour group is group "
         f"{', '.join(map(str, a['colour_group_index']))} by seed",
         f"mean colourfulness of the more colourful group {a['mean_colour_group_colourfulness']:.3f}, of the other "
         f"{a['mean_grey_group_colourfulness']:.3f}",
         f"the more colourful group is the lower-frequency one in {a['colour_group_lower_frequency_seeds']} of {n} "
         "seeds "
-        f"(sign test, one-sided, p {_fmt(a['colour_group_lower_frequency_sign_p'])}); both differences significant "
+        f"(sign test, one-sided, p {fmt(a['colour_group_lower_frequency_sign_p'])}); both differences significant "
         f"in the article's direction: {a['article_pattern_seeds']} of {n}",
         f"control, the unsplit net's two halves of conv1: p < {ALPHA} in {a['unsplit_halves_p_below_alpha']} of {n}",
         f"unsplit SVD of conv2's |W|: vector 0 correlates with colourfulness (Pearson p < {ALPHA}) in "
@@ -598,7 +590,7 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
 def _r(entry: dict[str, Any] | None) -> str:
     if not entry:
         return "n/a"
-    return f"{_fmt(entry['r'], '+.2f')} (p {_fmt(entry['p'], '.2g')})"
+    return f"{fmt(entry['r'], '+.2f')} (p {fmt(entry['p'], '.2g')})"
 
 
 def results_markdown(doc: dict[str, Any]) -> str:
@@ -624,10 +616,10 @@ def results_markdown(doc: dict[str, Any]) -> str:
     for r in doc["rows"]:
         x = r["split"]
         lines.append(
-            f"| {r['seed']} | {_fmt(x['test_accuracy'], '.3f')} | {x['colourfulness'][0]:.3f} / "
+            f"| {r['seed']} | {fmt(x['test_accuracy'], '.3f')} | {x['colourfulness'][0]:.3f} / "
             f"{x['colourfulness'][1]:.3f} | {x['frequency'][0]:.3f} / {x['frequency'][1]:.3f} | {x['colour_group']} | "
-            f"{x['colourfulness_difference']:.3f} ({_fmt(x['colourfulness_p'], '.2g')}) | "
-            f"{x['frequency_difference']:+.3f} ({_fmt(x['frequency_p'], '.2g')}) | "
+            f"{x['colourfulness_difference']:.3f} ({fmt(x['colourfulness_p'], '.2g')}) | "
+            f"{x['frequency_difference']:+.3f} ({fmt(x['frequency_p'], '.2g')}) | "
             f"{'yes' if x['colour_group_lower_frequency'] else 'no'} |")
     lines += ["| article | | one group near 0 (black-and-white), the other colour | grey group high, colour group "
               "low | either | large | negative | yes |", "",
@@ -641,8 +633,8 @@ def results_markdown(doc: dict[str, Any]) -> str:
         u = r["unsplit"]
         raw, cen = u["svd"]["raw"], u["svd"]["centered"]
         lines.append(
-            f"| {r['seed']} | {_fmt(u['test_accuracy'], '.3f')} | {u['halves_colourfulness_difference']:.3f} "
-            f"({_fmt(u['halves_colourfulness_p'], '.2g')}) | {raw['shares'][0]:.2f} | "
+            f"| {r['seed']} | {fmt(u['test_accuracy'], '.3f')} | {u['halves_colourfulness_difference']:.3f} "
+            f"({fmt(u['halves_colourfulness_p'], '.2g')}) | {raw['shares'][0]:.2f} | "
             f"{_r(raw['vector_0'].get('colourfulness'))} / {_r(raw['vector_0'].get('frequency'))} | "
             f"{_r(raw['vector_1'].get('colourfulness'))} / {_r(raw['vector_1'].get('frequency'))} | "
             f"{_r(cen['vector_0'].get('colourfulness'))} / {_r(cen['vector_0'].get('frequency'))} | "
@@ -663,10 +655,6 @@ def results_markdown(doc: dict[str, Any]) -> str:
         f"[seed {r['seed']}](seed_{r['seed']}/unsplit_svd.png)" for r in doc["rows"])]
     return "\n".join(lines) + "\n"
 
-
-def with_overrides(base: BranchesSettings, **overrides: Any) -> BranchesSettings:
-    """`base` with the options a user gave (None = not given)."""
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 __all__ = ["ANCHOR", "ARMS", "FULL", "QUICK", "BranchesSettings", "LabData", "across_seeds", "group_difference_test",

@@ -18,8 +18,6 @@ per seed beside the published anchor.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -32,7 +30,7 @@ import torch
 from ..errors import UsageError
 from ..util.io import write_json, write_text
 from ..util.progress import progress
-from .stages import StageResult, run_stage
+from .stages import StageResult, fmt, machine_record, run_stage, with_overrides
 
 MODEL = "zoo:mlp"
 NUM_CLASSES = 10
@@ -344,8 +342,7 @@ def run_specialization(out: str | Path, settings: LabSettings = FULL, *, device:
         "anchor": ANCHOR,
         "rows": rows,
         "summary": summary_lines(rows),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(dev)},
+        "machine": machine_record(dev, torch.get_num_threads()),
         "wall_s": time.perf_counter() - began,
         "compute_s": sum(sum(r["seconds"].values()) for r in rows),
         "out": str(out),
@@ -417,9 +414,6 @@ def seed_row(seed: int, stages: dict[str, StageResult]) -> dict[str, Any]:
     }
 
 
-def _fmt(x: Any, spec: str = ".3g") -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
-
 
 def summary_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Per network: significant sub-clusters after BH (q < 0.05) and Fisher-combined p-values."""
@@ -427,14 +421,14 @@ def summary_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     for r in rows:
         c, f = r["coherent"], r["fisher"]
         lines.append(
-            f"seed {r['seed']}: n-cut {_fmt(r['ncut'], '.3f')} vs shuffled {_fmt(r['shuffled_mean'], '.3f')} "
-            f"(z {_fmt(r['z'], '.2f')}, p {_fmt(r['p'])}); of {r['sub_clusters']} sub-clusters, important "
+            f"seed {r['seed']}: n-cut {fmt(r['ncut'], '.3f')} vs shuffled {fmt(r['shuffled_mean'], '.3f')} "
+            f"(z {fmt(r['z'], '.2f')}, p {fmt(r['p'])}); of {r['sub_clusters']} sub-clusters, important "
             f"{r['important']} (class-specific {r['class_specific']}), coherent by dataset {c['dataset']}, "
             f"correlation {c['correlation']}, visualization entropy {c['visualization_entropy']}, objective "
-            f"{c['visualization_objective']} (q < {ALPHA}); Fisher p: importance {_fmt(f['importance_drop'])}, "
-            f"specificity {_fmt(f['importance_specificity'])}, dataset {_fmt(f['coherence_dataset'])}, "
-            f"correlation {_fmt(f['coherence_correlation'])}, visualization entropy "
-            f"{_fmt(f['coherence_visualization_entropy'])}, objective {_fmt(f['coherence_visualization_objective'])}")
+            f"{c['visualization_objective']} (q < {ALPHA}); Fisher p: importance {fmt(f['importance_drop'])}, "
+            f"specificity {fmt(f['importance_specificity'])}, dataset {fmt(f['coherence_dataset'])}, "
+            f"correlation {fmt(f['coherence_correlation'])}, visualization entropy "
+            f"{fmt(f['coherence_visualization_entropy'])}, objective {fmt(f['coherence_visualization_objective'])}")
     return lines
 
 
@@ -459,9 +453,9 @@ def results_markdown(doc: dict[str, Any]) -> str:
     for r in doc["rows"]:
         c = r["coherent"]
         lines.append(
-            f"| {r['seed']} | {_fmt(r['test_accuracy'], '.4f')} | {_fmt(r['ncut'], '.3f')} | "
-            f"{_fmt(r['shuffled_mean'], '.3f')} | {_fmt(r['shuffled_std'], '.3f')} | {_fmt(r['z'], '.2f')} | "
-            f"{_fmt(r['p'], '.3g')} | {r['sub_clusters']} | {r['important']} | {r['class_specific']} | "
+            f"| {r['seed']} | {fmt(r['test_accuracy'], '.4f')} | {fmt(r['ncut'], '.3f')} | "
+            f"{fmt(r['shuffled_mean'], '.3f')} | {fmt(r['shuffled_std'], '.3f')} | {fmt(r['z'], '.2f')} | "
+            f"{fmt(r['p'], '.3g')} | {r['sub_clusters']} | {r['important']} | {r['class_specific']} | "
             f"{c['dataset']} / {c['correlation']} / {c['visualization_entropy']} / {c['visualization_objective']} |")
     lines.append(f"| anchor | | {a['ncut'][0]:.2f} to {a['ncut'][1]:.2f} | {a['shuffled_mean'][0]:.2f} to "
                  f"{a['shuffled_mean'][1]:.2f} | | about {a['z'][0]:.0f} to {a['z'][1]:.0f} | | | | | |")
@@ -483,10 +477,6 @@ def results_markdown(doc: dict[str, Any]) -> str:
     lines += [f"- {line}" for line in doc["summary"]]
     return "\n".join(lines) + "\n"
 
-
-def with_overrides(base: LabSettings, **overrides: Any) -> LabSettings:
-    """`base` with the options a user gave (None = not given)."""
-    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
 __all__ = ["ANCHOR", "FULL", "QUICK", "LabSettings", "open_lab_data", "record_data_used", "results_markdown",

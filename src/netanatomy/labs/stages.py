@@ -73,4 +73,29 @@ def run_stage(folder: str | Path, name: str, settings: dict[str, Any], compute: 
     return StageResult(name, key, json.loads(dumps(result, indent=None)), False, seconds)
 
 
-__all__ = ["StageResult", "read_stage", "run_stage", "settings_key"]
+def with_overrides(base: Any, **overrides: Any) -> Any:
+    """A lab's settings dataclass `base` with the options a user gave (None = not given)."""
+    from dataclasses import replace
+
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def machine_record(device: Any, torch_threads: int) -> dict[str, Any]:
+    """Where a lab ran, for its results file."""
+    import os
+    import platform
+
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "torch_threads": int(torch_threads), "device": str(device)}
+
+
+def fmt(x: Any, spec: str = ".3g") -> str:
+    """A number for a results table; None and non-finite values are "n/a"."""
+    import math
+
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+__all__ = ["StageResult", "fmt", "machine_record", "read_stage", "run_stage", "settings_key", "with_overrides"]
