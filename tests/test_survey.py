@@ -121,7 +121,7 @@ def test_importance_is_skipped_when_labels_are_not_the_models_classes(tmp_path, 
 
 
 def test_a_concatenation_with_paged_paths_shows_its_paths_pictures(loaded):
-    from netanatomy.atlas.survey import _pictures, own_pictures
+    from netanatomy.atlas.survey import _unit_entry, own_pictures
     from netanatomy.models.layers import discover_layers
 
     lm = discover_layers(loaded.module, loaded.input_shape)
@@ -130,8 +130,9 @@ def test_a_concatenation_with_paged_paths_shows_its_paths_pictures(loaded):
     assert own_pictures(lm, ["conv1", "mixed1"]) == ["conv1", "mixed1"]
     layers_doc = [{"name": "mixed1", "kind": "concat",
                    "branches": [{"name": b.name, "start": b.start, "stop": b.stop} for b in lm.resolve("mixed1").branches]}]
-    part = {"mixed1_3x3": {"units": {"0": "a.png", "23": "b.png"}}}
-    assert _pictures(part, layers_doc, "mixed1") == {"16": "a.png", "39": "b.png"}   # mixed1_3x3 starts at 16
+    part = {"mixed1_3x3": {"0": "a.png", "23": "b.png"}}
+    # mixed1_3x3 starts at unit 16 of mixed1
+    assert [_unit_entry(part, layers_doc, "mixed1", u) for u in (16, 39, 17, 0)] == ["a.png", "b.png", None, None]
 
 
 def test_connections_skip_links_a_depthwise_conv_does_not_have():

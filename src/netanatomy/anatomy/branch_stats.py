@@ -32,7 +32,7 @@ from ..errors import UsageError
 from ..models.layers import Layer, LayerMap
 
 __all__ = ["BranchPart", "BranchPopulation", "LayerBranchStats", "UnitLabel", "branch_population",
-           "branched_layers", "class_categories", "label_categories", "population_values", "probe_categories",
+           "branch_report", "branched_layers", "class_categories", "label_categories", "population_values", "probe_categories",
            "read_labels_csv", "run_branch_stats"]
 
 
@@ -129,21 +129,15 @@ def population_values(module: nn.Module, populations: Sequence[BranchPopulation]
                       seed: int = 0, device=None, input_shape=None, batch_size: int = 64,
                       show_progress: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """{layer: [n, population units]} spatial-mean pre-activations, one capture pass for all."""
-    from ..capture import capture_activations
+    from ..specialization.extract import activation_values
 
     sources = list(dict.fromkeys(s for pop in populations for s in pop.sources))
-    stats = capture_activations(module, sources, data, stage="pre", reduce="mean", top_k=0, keep_values=max_examples,
-                                covariance=False, batch_size=batch_size, device=device, seed=seed,
-                                input_shape=input_shape, show_progress=show_progress)
-    first = next(iter(stats.values()))
-    order = np.argsort(first.value_index, kind="stable")
-    values = {}
-    for name, s in stats.items():
-        o = np.argsort(s.value_index, kind="stable")
-        values[name] = np.asarray(s.values[o], dtype=np.float64)
+    values, labels = activation_values(module, sources, data, max_examples=max_examples, seed=seed, device=device,
+                                       input_shape=input_shape, batch_size=batch_size, show_progress=show_progress,
+                                       reduce="mean")
     out = {pop.layer: np.concatenate([values[p.source][:, p.source_start:p.source_start + p.size] for p in pop.parts],
                                      axis=1) for pop in populations}
-    return out, np.asarray(first.labels[order])
+    return out, labels
 
 
 def _gather(pop: BranchPopulation, per_source: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -326,3 +320,40 @@ def run_branch_stats(populations: Sequence[BranchPopulation], categories: Mappin
         for r in results:
             r.tests = [BranchCategoryTest(**{**t.__dict__, "q": float(next(it))}) for t in r.tests]
     return results
+
+
+def branch_report(module: nn.Module, layer_map: LayerMap, populations: Sequence[BranchPopulation], data, *,
+                  probes: Sequence[str] = (), labels: Sequence[UnitLabel] = (), classes: bool = False,
+                  examples: int = 1000, permutations: int = 999, seed: int = 0, device=None,
+                  show_progress: bool = True) -> list[LayerBranchStats]:
+    """The whole run behind `netanatomy branches` and the survey: categories from `labels`, the unit
+    `probes` (the colour probe on `data`) and, with `classes`, class preference on `data`;
+    activations of `data` for the correlation test; every test with BH over the run."""
+    categories: dict[str, dict] = {p.layer: {} for p in populations}
+    sources: dict[str, dict] = {p.layer: {} for p in populations}
+    rules: dict[str, dict] = {p.layer: {} for p in populations}
+    notes: dict[str, list] = {p.layer: [] for p in populations}
+    for pop in populations:
+        for c, m in label_categories(pop, labels, layer_map).items():
+            categories[pop.layer][c], sources[pop.layer][c] = m, "labels"
+    if probes:
+        found = probe_categories(module, layer_map, populations, probes, data=data, device=device, seed=seed,
+                                 show_progress=show_progress)
+        for pop in populations:
+            for c, m in found[pop.layer]["categories"].items():
+                categories[pop.layer][c], sources[pop.layer][c] = m, "probe"
+            rules[pop.layer].update(found[pop.layer]["rules"])
+            notes[pop.layer] += found[pop.layer]["notes"]
+    values, data_labels = population_values(module, populations, data, max_examples=examples, seed=seed,
+                                            device=device, input_shape=layer_map.input_shape,
+                                            show_progress=show_progress)
+    if classes:
+        class_names = list(getattr(data, "classes", None) or []) or None
+        for pop in populations:
+            for c, m in class_categories(values[pop.layer], data_labels, class_names).items():
+                categories[pop.layer][c], sources[pop.layer][c] = m, "classes"
+    stats = run_branch_stats(populations, categories, sources, values, n_permutations=permutations, seed=seed)
+    for st in stats:
+        st.rules = rules[st.population.layer]
+        st.notes = notes[st.population.layer] + st.notes
+    return stats

@@ -35,6 +35,12 @@ __all__ = ["DEFAULT_PHOTOS", "ORIENTATIONS", "PHASES", "PROBES", "REDUCE", "STAG
            "check_probes", "default_photos_spec", "grating_frequencies", "not_applicable", "probe_layers"]
 
 PROBES = ("colour", "orientation", "filter")
+
+
+def default_probes(channels: int) -> tuple[str, ...]:
+    """The probes worth running on a model that reads `channels`-channel images (colour needs RGB;
+    filter skips itself, with a note, on layers that do not read the image)."""
+    return PROBES if channels == 3 else tuple(p for p in PROBES if p != "colour")
 STAGE, REDUCE = "post", "mean"
 DEFAULT_PHOTOS = 128  # photo patches of the default colour probe: 2 x 128 forwards of a 224 px model
 ORIENTATIONS, PHASES = 12, 4  # 15-degree steps

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import UsageError
 from ..models.layers import Layer, LayerMap
+from ..util.figures import pyplot
 from ..util.io import save_figure, save_png
 
 Progress = Callable[[str], None]
@@ -61,14 +62,6 @@ def _close(fig) -> None:
 
     plt.close(fig)
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +118,7 @@ def banding_part(ctx: SurveyContext, permutations: int = 999) -> dict[str, Any]:
 
 def banding_figure(records: Sequence[dict[str, Any]], model: str) -> Any:
     """H and V of every scored layer, the chance level of its kernel size, and the verdict."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(records)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.34 * n + 2.5), 4.2))
     x = np.arange(n)
@@ -250,12 +243,11 @@ def families_part(ctx: SurveyContext) -> dict[str, Any]:
 
 
 def probes_part(ctx: SurveyContext, layers: Sequence[str]) -> dict[str, Any]:
-    from ..anatomy.probes import probe_layers
+    from ..anatomy.probes import default_probes, probe_layers
 
-    probes = ("colour", "orientation", "filter") if _channels(ctx) == 3 else ("orientation", "filter")
     data = ctx.dataset if _channels(ctx) == 3 else None
-    results = probe_layers(ctx.module, ctx.layer_map, list(layers), probes, data=data, device=ctx.device,
-                           seed=ctx.seed, show_progress=False)
+    results = probe_layers(ctx.module, ctx.layer_map, list(layers), default_probes(_channels(ctx)), data=data,
+                           device=ctx.device, seed=ctx.seed, show_progress=False)
     return {name: r.to_json() for name, r in results.items()}
 
 
@@ -266,23 +258,17 @@ def _channels(ctx: SurveyContext) -> int:
 def branches_part(ctx: SurveyContext, examples: int = 1000, permutations: int = 999) -> dict[str, Any]:
     from ..anatomy import branch_stats as bs
     from ..anatomy.branch_plots import branch_figures
+    from ..anatomy.probes import default_probes
 
     layers = bs.branched_layers(ctx.layer_map)
     if not layers:
         return {"layers": [], "note": "no layer with branches"}
     populations = [bs.branch_population(ctx.layer_map, lay.name) for lay in layers]
-    probes = ["colour", "orientation", "filter"] if _channels(ctx) == 3 else ["orientation", "filter"]
-    found = bs.probe_categories(ctx.module, ctx.layer_map, populations, probes,
-                                data=ctx.dataset if _channels(ctx) == 3 else None, device=ctx.device, seed=ctx.seed,
-                                show_progress=False)
-    categories = {p.layer: found[p.layer]["categories"] for p in populations}
-    sources = {p.layer: {c: "probe" for c in categories[p.layer]} for p in populations}
-    values, _ = bs.population_values(ctx.module, populations, ctx.dataset, max_examples=examples, seed=ctx.seed,
-                                     device=ctx.device, input_shape=ctx.layer_map.input_shape, show_progress=False)
-    stats = bs.run_branch_stats(populations, categories, sources, values, n_permutations=permutations, seed=ctx.seed)
+    stats = bs.branch_report(ctx.module, ctx.layer_map, populations, ctx.dataset, probes=default_probes(_channels(ctx)),
+                             examples=examples, permutations=permutations,
+                             seed=ctx.seed, device=ctx.device, show_progress=False)
     out = []
     for s in stats:
-        s.rules = found[s.population.layer]["rules"]
         doc = s.to_json()
         files = branch_figures(ctx.module, ctx.layer_map, s, ctx.root / "files" / "branches")
         doc["figures"] = {k: ctx.rel(Path(v)) for k, v in files.items()}

@@ -152,17 +152,15 @@ def run_survey(out: str | Path, settings: SurveySettings = SurveySettings(), *, 
         for i, chunk in enumerate(chunks):
             units = sum(layer_map.resolve(n).units for n in chunk)
             part = f"render/{i}"
-            if i == 0 and not _render_stored(results, base, chunk, settings):
+            extra = {"layers": list(chunk), "steps": settings.steps, "param_size": settings.param_size}
+            if i == 0 and not _stored(results, base, part, extra):
                 budget.render_rate = P.render_rate(ctx, chunk)
             done = stage(part, lambda c=chunk: P.render_part(ctx, c),
-                         estimate=_render_estimate(budget, units, settings.steps),
-                         extra={"layers": list(chunk), "steps": settings.steps, "param_size": settings.param_size})
+                         estimate=_render_estimate(budget, units, settings.steps), extra=extra)
+            budget.parts[part]["layers"] = list(chunk)
             if done is not None:
                 got["render"].update(done)
                 budget.parts[part]["units_steps"] = units * settings.steps
-                budget.parts[part]["layers"] = list(chunk)
-            else:
-                budget.parts[part]["layers"] = list(chunk)
             bar.update(1)
     finally:
         bar.close()
@@ -280,13 +278,6 @@ def _render_estimate(budget: Budget, units: int, steps: int) -> float:
     return rate * units * steps
 
 
-def _render_stored(results: Path, base: dict, chunk: list[str], settings: SurveySettings) -> bool:
-    from ..labs.stages import read_stage
-
-    extra = {"layers": list(chunk), "steps": settings.steps, "param_size": settings.param_size}
-    return read_stage(results, _file_name("render/0"), {**base, "part": "render/0", **extra}) is not None
-
-
 # ---------------------------------------------------------------------------------------------
 # atlas.json
 
@@ -354,20 +345,22 @@ def assemble(ctx: P.SurveyContext, settings: SurveySettings, got: dict[str, Any]
 
     units_out: dict[str, dict[str, Any]] = {}
     branch_of = _branch_of_units(layers_doc)
+    pictures = {part: {layer: (v or {}).get("units") or {} for layer, v in (got.get(part) or {}).items()}
+                for part in ("render", "examples")}
+    pictures["weights"] = {layer: v.get("units") or {} for layer, v in weights.items()}
+    pictures["diversity"] = got.get("diversity") or {}
     for name in ctx.layers:
         n = ctx.layer_map.resolve(name).units
         probe_units = {str(r["unit"]): r for r in (probes.get(name) or {}).get("units_table", [])}
-        w_units = (weights.get(name) or {}).get("units", {})
-        r_units = _pictures(got.get("render"), layers_doc, name)
-        e_units = _pictures(got.get("examples"), layers_doc, name)
         per = {}
         for u in range(n):
             key = str(u)
             probe = probe_units.get(key)
             per[key] = {
-                "render": r_units.get(key), "diversity": _diversity(got.get("diversity"), layers_doc, name, u),
-                "examples": e_units.get(key),
-                "weights": w_units.get(key) or _branch_weight_picture(layers_doc, weights, name, u),
+                "render": _unit_entry(pictures["render"], layers_doc, name, u),
+                "diversity": list(_unit_entry(pictures["diversity"], layers_doc, name, u, [])),
+                "examples": _unit_entry(pictures["examples"], layers_doc, name, u),
+                "weights": _unit_entry(pictures["weights"], layers_doc, name, u),
                 "probe": {k: v for k, v in probe.items() if k != "unit"} if probe else None,
                 "branch": branch_of.get((name, u)), "cluster": cluster_of.get((name, u)),
                 "class_name": class_names[u] if class_names and name == logits and u < len(class_names) else None,
@@ -420,43 +413,19 @@ def _branch_of_units(layers_doc: list[dict]) -> dict[tuple[str, int], str]:
     return out
 
 
-def _pictures(part: dict | None, layers_doc: list[dict], name: str) -> dict[str, str]:
-    """{unit: file} of a per-layer picture part; a concatenation's units from its paths' when it has none."""
-    part = part or {}
-    own = (part.get(name) or {}).get("units")
+def _unit_entry(by_layer: dict[str, dict[str, Any]], layers_doc: list[dict], name: str, unit: int,
+                default: Any = None) -> Any:
+    """A unit's entry in {layer: {unit: value}}. A layer with entries of its own uses them; a
+    concatenation without any shows its path's unit (its unit i is a path's unit)."""
+    own = by_layer.get(name)
     if own:
-        return own
-    lay = next((x for x in layers_doc if x["name"] == name), None)
-    out: dict[str, str] = {}
-    if lay and lay["kind"] == "concat":
-        for b in lay["branches"]:
-            for u, path in ((part.get(b["name"]) or {}).get("units") or {}).items():
-                out[str(b["start"] + int(u))] = path
-    return out
-
-
-def _diversity(part: dict | None, layers_doc: list[dict], name: str, unit: int) -> list[str]:
-    """A unit's diversity samples; a concatenation's unit has its path's."""
-    part = part or {}
-    if name in part:
-        return list(part[name].get(str(unit), []))
+        return own.get(str(unit), default)
     lay = next((x for x in layers_doc if x["name"] == name), None)
     if lay and lay["kind"] == "concat":
         for b in lay["branches"]:
             if b["start"] <= unit < b["stop"]:
-                return list((part.get(b["name"]) or {}).get(str(unit - b["start"]), []))
-    return []
-
-
-def _branch_weight_picture(layers_doc, weights, name: str, unit: int) -> str | None:
-    """A concatenation's unit is its branch's unit: show that unit's weight picture."""
-    lay = next((x for x in layers_doc if x["name"] == name), None)
-    if not lay or lay["kind"] != "concat":
-        return None
-    for b in lay["branches"]:
-        if b["start"] <= unit < b["stop"]:
-            return ((weights.get(b["name"]) or {}).get("units") or {}).get(str(unit - b["start"]))
-    return None
+                return (by_layer.get(b["name"]) or {}).get(str(unit - b["start"]), default)
+    return default
 
 
 def _clusterability(doc: dict | None) -> dict | None:

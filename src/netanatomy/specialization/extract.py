@@ -178,16 +178,17 @@ class _SourceWalker:
 def activation_values(model: nn.Module, layers: Sequence[str], data, *, max_examples: int | None = 5000,
                       seed: int = 0, device: str | torch.device | None = None,
                       input_shape: Sequence[int] | None = None, batch_size: int = 256,
-                      show_progress: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                      show_progress: bool = True, reduce: str = "l1") -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Per-example pre-activation values of `layers` ({layer: [m, units]}) and the labels [m].
 
-    A conv channel's value is the L1 norm of its map. With `max_examples`, a seeded uniform
-    sample of that many examples is kept (the same examples for every layer).
+    A conv channel's value is the L1 norm of its map (`reduce`: any reduction of
+    `capture_activations`, e.g. "mean"). With `max_examples`, a seeded uniform sample of that
+    many examples is kept (the same examples for every layer), in data order.
     """
     from ..capture import capture_activations
 
     keep = int(max_examples) if max_examples else (len(data) if hasattr(data, "__len__") else 1 << 30)
-    stats = capture_activations(model, list(layers), data, stage="pre", reduce="l1", top_k=0, keep_values=keep,
+    stats = capture_activations(model, list(layers), data, stage="pre", reduce=reduce, top_k=0, keep_values=keep,
                                 covariance=False, batch_size=batch_size, device=device, seed=seed,
                                 input_shape=input_shape, show_progress=show_progress)
     first = next(iter(stats.values()))

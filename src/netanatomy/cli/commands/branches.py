@@ -26,7 +26,9 @@ def parse_probes(text: str, channels: int) -> tuple[str, ...]:
     if text == "none":
         return ()
     if text == "auto":
-        return ("colour", "orientation", "filter") if channels == 3 else ("orientation", "filter")
+        from ...anatomy.probes import default_probes
+
+        return default_probes(channels)
     names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
     bad = [p for p in names if p not in PROBE_NAMES]
     if bad or not names:
@@ -118,39 +120,15 @@ def command(model, weights, model_args, input_shape, layers, data, split, labels
     populations = [bs.branch_population(layer_map, n) for n in names]
 
     started = time.perf_counter()
-    categories: dict[str, dict] = {p.layer: {} for p in populations}
-    sources: dict[str, dict] = {p.layer: {} for p in populations}
-    rules: dict[str, dict] = {p.layer: {} for p in populations}
-    unit_notes: dict[str, list] = {p.layer: [] for p in populations}
-    for pop in populations:
-        for c, m in bs.label_categories(pop, labels, layer_map).items():
-            categories[pop.layer][c], sources[pop.layer][c] = m, "labels"
-    unit_probes = [p for p in probes if p != "classes"]
-    if unit_probes:
-        found = bs.probe_categories(module, layer_map, populations, unit_probes, data=dataset, device=device,
-                                    seed=seed)
-        for pop in populations:
-            for c, m in found[pop.layer]["categories"].items():
-                categories[pop.layer][c], sources[pop.layer][c] = m, "probe"
-            rules[pop.layer].update(found[pop.layer]["rules"])
-            unit_notes[pop.layer] += found[pop.layer]["notes"]
-    values, data_labels = bs.population_values(module, populations, dataset, max_examples=examples, seed=seed,
-                                               device=device, input_shape=layer_map.input_shape)
-    if "classes" in probes:
-        class_names = list(getattr(dataset, "classes", None) or []) or None
-        for pop in populations:
-            for c, m in bs.class_categories(values[pop.layer], data_labels, class_names).items():
-                categories[pop.layer][c], sources[pop.layer][c] = m, "classes"
-    stats = bs.run_branch_stats(populations, categories, sources, values, n_permutations=permutations, seed=seed)
-    for s in stats:
-        s.rules = rules[s.population.layer]
-        s.notes = unit_notes[s.population.layer] + s.notes
+    stats = bs.branch_report(module, layer_map, populations, dataset, probes=[p for p in probes if p != "classes"],
+                             labels=labels, classes="classes" in probes, examples=examples, permutations=permutations,
+                             seed=seed, device=device)
     seconds = time.perf_counter() - started
 
     result = {
         "model": loaded.source, "weights": loaded.weights, "data": spec, "split": split, "examples": examples,
         "probes": list(probes), "labels": labels_csv,
-        "category_sources": sorted({v for d in sources.values() for v in d.values()}),
+        "category_sources": sorted({v for st in stats for v in st.sources.values()}),
         "tests": sum(len(s.tests) for s in stats), "correction": "Benjamini-Hochberg over every test of the run",
         "layers": [s.to_json() for s in stats], "seconds": seconds,
     }
