@@ -5,25 +5,18 @@ from typing import Any
 
 import numpy as np
 
+from ..util.figures import pyplot
 from .branch_stats import LayerBranchStats
 from .plots import _BRANCH_COLOURS
 
 __all__ = ["branch_figures", "category_share_figure", "correlation_figure"]
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
 
 def correlation_figure(stats: LayerBranchStats) -> Any:
     """The unit-by-unit Pearson correlation of activations, units ordered by branch, with the
     branch boundaries drawn and the within- vs between-branch test in the title."""
-    plt = _pyplot()
+    plt = pyplot()
     pop, corr = stats.population, stats.corr
     fig, ax = plt.subplots(figsize=(7.5, 6.6))
     image = ax.imshow(corr, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
@@ -55,7 +48,7 @@ def _stars(q: float) -> str:
 def category_share_figure(stats: LayerBranchStats, *, max_categories: int = 12) -> Any:
     """Share of each branch's units in each category (bars), the layer's share as the chance
     level (black tick), and BH-adjusted significance of enrichment as stars."""
-    plt = _pyplot()
+    plt = pyplot()
     pop = stats.population
     by = {(t.branch, t.category): t for t in stats.tests}
     cats = sorted(stats.categories, key=lambda c: -int(stats.categories[c].sum()))[:max_categories]

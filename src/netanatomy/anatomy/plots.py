@@ -6,6 +6,7 @@ from typing import Any
 import numpy as np
 
 from ..core.pictures import filters_to_rgb
+from ..util.figures import pyplot
 from .svd import SVDReport
 
 __all__ = ["kernel_energy_figure", "svd_placement_figure", "weights_figure"]
@@ -22,10 +23,7 @@ def svd_placement_figure(report: SVDReport, *, groups: dict[str, tuple[np.ndarra
     points. Axis titles give each vector's share of |W|'s squared norm. `groups` colours the
     points of a side ("lower" / "upper") by a label per unit (e.g. its branch) with a legend.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
     svd = report.svd
@@ -76,10 +74,7 @@ def kernel_energy_figure(kernels: Any, units: Any, *, title: str, subtitle: str 
     """The kernels [N, kh, kw] of the given units drawn on one shared diverging scale, each
     labelled with its unit number, its share of the layer's energy and its own H and V (the
     banding score's row and column shares): which kernels carry a layer's banding score."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     k = np.asarray(kernels, dtype=np.float64)
     n = k.shape[0]
@@ -117,10 +112,7 @@ def weights_figure(pictures: Any, layer: str, *, max_units: int = 256, columns: 
     """The NMF weight pictures of a layer as a figure a reader can use: every tile labelled with
     its unit number (grid in similarity order), and a colour key saying which input channels
     (excitatory +, inhibitory -) each of the three colours stands for."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pics, order, f = pictures.pictures, pictures.order, pictures.factors
     shown = [int(u) for u in order[:max_units]]
