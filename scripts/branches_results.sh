@@ -10,15 +10,8 @@ mkdir -p "$OUT"
 declare -A MIDDLE=([mobilenet_v2-imagenet]=block8_expand [efficientnet_lite0-imagenet]=block7_expand)
 PHOTOS="photos?n=300"
 
-run() {  # run OUTFILE CMD...: skip when OUTFILE exists; write atomically
-  local out=$1; shift
-  if [ -s "$out" ]; then echo "skip $out"; return; fi
-  echo "== $*" >&2
-  local started=$SECONDS
-  "$@" > "$out.tmp"
-  mv "$out.tmp" "$out"
-  echo "   $(( SECONDS - started )) s -> $out" >&2
-}
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 for m in mobilenet_v2-imagenet efficientnet_lite0-imagenet; do
   run "$OUT/$m.probe.json" $NA probe "zoo:$m" --layer stem --layer "${MIDDLE[$m]}" --data "$PHOTOS" --json

@@ -19,15 +19,8 @@ STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(banding svd equivariance examples render weights activations)
 PHOTOS="photos?n=2000&size=224"
 
-run() {  # run OUTFILE CMD...: skip when OUTFILE exists; write atomically
-  local out=$1; shift
-  if [ -s "$out" ]; then echo "skip $out"; return; fi
-  echo "== $*" >&2
-  local started=$SECONDS
-  "$@" > "$out.tmp"
-  mv "$out.tmp" "$out"
-  echo "   $(( SECONDS - started )) s -> $out" >&2
-}
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 for stage in "${STAGES[@]}"; do
   for m in "${MODELS[@]}"; do
