@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from ..core.banding import banding_score
+from ..core.banding import axis_test, banding_score
 from ..models.layers import LayerMap
 from ..util.progress import progress
 from ..util.seeding import derive
@@ -54,6 +54,8 @@ def _layer_record(module: nn.Module, layer_map: LayerMap, layer, n_permutations:
                         alpha=alpha, margin=margin, method=method,  # type: ignore[arg-type]
                         show_progress=show_progress)
     record = {"layer": layer.name, **res.to_dict()}
+    if lw.weights.ndim == 4 and res.skipped is None:
+        record["axis"] = axis_test(lw.weights, seed=derive(seed, layer.name, "axis")).to_dict()
     if lw.note:
         record["note"] = lw.note
     return record

@@ -119,8 +119,15 @@ def weights_figure(pictures: Any, layer: str, *, max_units: int = 256, columns: 
     n = len(shown)
     columns = max(1, min(columns, n))
     rows = -(-n // columns)
-    fig = plt.figure(figsize=(max(7.0, 0.62 * columns + 0.6), 0.66 * rows + 1.7))
-    grid = fig.add_gridspec(rows + 1, columns, height_ratios=[1.0] * rows + [1.6], hspace=0.3, wspace=0.08)
+    more = f" (first {n} of {len(order)} in similarity order)" if n < len(order) else " (similarity order)"
+    kh, kw = pics.shape[1:3]
+    title = (f"{layer}: NMF weight pictures, {kh}x{kw} kernels, unit numbers above each{more}"
+             + (f"\n{note}" if note else ""))
+    head = 0.25 + 0.2 * (title.count("\n") + 1)                     # inches kept for the title above the tiles
+    height = 0.66 * rows + 1.45 + head
+    fig = plt.figure(figsize=(max(7.0, 0.62 * columns + 0.6), height))
+    grid = fig.add_gridspec(rows + 1, columns, height_ratios=[1.0] * rows + [1.6], hspace=0.3, wspace=0.08,
+                            top=1 - head / height, bottom=0.02)
     for i, u in enumerate(shown):
         ax = fig.add_subplot(grid[i // columns, i % columns])
         ax.imshow(pics[u], interpolation="nearest")
@@ -141,8 +148,5 @@ def weights_figure(pictures: Any, layer: str, *, max_units: int = 256, columns: 
              "loading):\n" + "\n".join(lines) + "\nBrightness: how strongly a position uses the factor (per unit, "
              "scaled to its own maximum).", va="top", ha="left", fontsize=7.5, family="monospace",
              transform=key.transAxes)
-    more = f" (first {n} of {len(order)} in similarity order)" if n < len(order) else " (similarity order)"
-    kh, kw = pics.shape[1:3]
-    fig.suptitle(f"{layer}: NMF weight pictures, {kh}x{kw} kernels, unit numbers above each{more}"
-                 + (f"\n{note}" if note else ""), fontsize=9.5)
+    fig.suptitle(title, fontsize=9.5, y=1 - 0.08 / height, va="top")
     return fig

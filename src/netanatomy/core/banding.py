@@ -66,7 +66,9 @@ _PROGRESS_MIN_WORK = 1 << 28
 
 __all__ = [
     "BandingScore",
+    "AxisTest",
     "anova_ss",
+    "axis_test",
     "banding_score",
     "expected_shares",
     "orientation",
@@ -362,3 +364,54 @@ def banding_score(weights: Tensor, *, n_permutations: int = 999, seed: int = 0, 
         n_kernels=n, n_permutations=n_rep, resolution=resolution, method=method,
         effective_kernels=denom ** 2 / float(per_kernel[0]), share_h_over_v=float(per_kernel[1] / per_kernel[4]),
         mean_h=float(per_kernel[2] / per_kernel[4]), mean_v=float(per_kernel[3] / per_kernel[4]))
+
+
+@dataclass(frozen=True)
+class AxisTest:
+    """Is a layer's banding along one axis more than along the other? (H - V against unit transposes)"""
+
+    index: float | None        # H - V of the layer (energy-weighted, as in BandingScore)
+    p: float | None            # two-sided, +1 rule
+    z: float | None            # index in null standard deviations
+    units: int
+    draws: int
+    skipped: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def axis_test(weights: Tensor, *, draws: int = 9999, seed: int = 0) -> AxisTest:
+    """H - V of square kernels [units, C_in, k, k] against random transposes of whole units.
+
+    Why this null and not the position permutations of `banding_score`: those destroy smooth
+    kernels' correlations, so smooth but isotropic layers (H and V both above chance) look
+    banded along whichever axis happens to lead. Under "no preferred axis" a unit's weights and
+    their transpose (every kernel of the unit transposed) are equally likely, so each unit's
+    share of row SS - column SS is symmetric about 0; flipping the signs of a random subset of
+    units gives the null of H - V. Units, not kernels, are flipped: a unit's kernels are learned
+    together and are not independent draws.
+    """
+    w = weights.detach().cpu().double()
+    if w.ndim != 4:
+        raise ValueError(f"axis_test needs [units, C_in, kh, kw] weights, got shape {tuple(w.shape)}")
+    units, _, kh, kw = w.shape
+    if kh != kw or kh < 2:
+        return AxisTest(None, None, None, units, 0, f"{kh}x{kw} kernels: transposes need square kernels of 2x2 or more")
+    centred = w - w.mean(dim=(2, 3), keepdim=True)
+    row = centred.sum(dim=3).pow(2).sum(dim=2) / kw             # [units, C_in]
+    col = centred.sum(dim=2).pow(2).sum(dim=2) / kh
+    total = float(centred.pow(2).sum())
+    if total <= 0:
+        return AxisTest(None, None, None, units, 0, "all kernels are constant")
+    d = ((row - col).sum(dim=1) / total).numpy()                # each unit's share of H - V
+    from .stats import null_test
+
+    rng = np.random.default_rng(seed)
+    signs = rng.choice(np.array([-1.0, 1.0]), size=(int(draws), units))
+    null = signs @ d
+    observed = float(d.sum())
+    test = null_test(abs(observed), np.abs(null), tail="right")
+    sd = float(null.std())
+    return AxisTest(observed, test.p, observed / sd if sd > 0 else None, units, int(draws))
+

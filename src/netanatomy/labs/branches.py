@@ -43,7 +43,7 @@ from torch import Tensor
 from ..errors import UsageError
 from ..util.figures import pyplot
 from ..util.io import write_json, write_text
-from .stages import StageResult, fmt, machine_record, run_stage, with_overrides
+from .stages import StageResult, fmt, machine_record, run_stage, train_stage, with_overrides
 
 MODEL = "zoo:alexnet"
 ARMS = ("split", "unsplit")
@@ -144,45 +144,18 @@ class LabData:
     classes: int
 
 
-def _data_spec(spec: str, size: int, examples: int) -> str:
-    """`spec` asking for `size` px images (and, for photos, `examples` patches) unless it says."""
-    from ..data.spec import parse_spec, with_options
-
-    given = parse_spec(spec)
-    options: dict[str, object] = {}
-    if "size" not in given.options:
-        options["size"] = size
-    if given.name == "photos" and "n" not in given.options:
-        options["n"] = examples
-    return with_options(spec, **options) if options else spec
-
-
-def _capped(ds, limit: int, split: str):
-    """At most `limit` items, drawn by a fixed seed (folders list their images class by class)."""
-    from ..util.seeding import derive
-
-    if len(ds) <= limit:
-        return ds
-    order = np.random.default_rng(derive(0, "branches", split)).permutation(len(ds))[:limit]
-    return ds.subset(np.sort(order))
-
-
 def open_lab_data(settings: BranchesSettings) -> LabData:
     """Both splits of the lab's data, refused (UsageError) unless labelled colour images."""
-    from ..data import open_dataset
+    from .lab_data import class_count, open_split
 
     sets = {}
     for split, count in (("train", settings.train_examples), ("test", settings.test_examples)):
-        ds = _capped(open_dataset(_data_spec(settings.data, settings.size, count), split), count, split)
-        if len(ds) == 0:
-            raise UsageError(f"data {settings.data!r} has no {split} images")
-        if ds.image_shape != (3, settings.size, settings.size):
+        ds = open_split(settings.data, split, size=settings.size, examples=count, lab="branches")
+        if ds.image_shape[0] != 3:
             raise UsageError(f"the lab needs colour images (3 x {settings.size} x {settings.size}); {settings.data!r} "
                              f"gives {' x '.join(map(str, ds.image_shape))}")
-        if int(ds.targets.min()) < 0:
-            raise UsageError(f"data {settings.data!r} has no labels: the networks are trained to classify")
         sets[split] = ds
-    classes = len(sets["train"].classes or []) or int(sets["train"].targets.max()) + 1
+    classes = class_count(sets["train"])
     if classes < 2:
         raise UsageError(f"data {settings.data!r} has one class: nothing to learn")
     return LabData(settings.data, sets["train"], sets["test"], classes)
@@ -347,30 +320,9 @@ def one_thread() -> Iterator[None]:
 
 def _train_stage(folder: Path, seed: int, arm: str, settings: BranchesSettings, data: LabData, device,
                  show: bool, log: Callable[[str], None]) -> StageResult:
-    from ..models import load_model
-    from ..training import train
-    from .specialization import _plain, _read_json
-
-    cfg = train_config(settings, seed)
-    weights = folder / "model.pt"
-    args = model_args(settings, arm, data.classes)
-    stage_settings = {"model": MODEL, "model_args": args, "data": data.spec, "size": settings.size,
-                      "train_examples": len(data.train), "test_examples": len(data.test), "config": asdict(cfg)}
-    marker = folder / "model.settings.json"
-
-    def compute() -> dict[str, Any]:
-        folder.mkdir(parents=True, exist_ok=True)
-        resume = _read_json(marker) == _plain(stage_settings)  # a checkpoint of other settings starts over
-        write_json(marker, stage_settings)
-        log(f"seed {seed} {arm}: training for {settings.epochs} epochs on {len(data.train)} images"
-            + (" (resuming)" if resume and (folder / "model.pt.resume.pt").is_file() else ""))
-        model = load_model(MODEL, model_args=args, seed=seed).module
-        result = train(model, data.train, data.test, cfg, weights, device=device, resume=resume,
-                       meta={"model": MODEL, "data": data.spec}, num_classes=data.classes, show_progress=show)
-        return {"test_accuracy": result.test_accuracy, "epochs": result.epochs_done,
-                "resumed_from": result.resumed_from, "history": result.history, "model_args": args}
-
-    return run_stage(folder, "train", stage_settings, compute, requires=[weights])
+    return train_stage(folder, model=MODEL, model_args=model_args(settings, arm, data.classes), seed=seed, data=data,
+                       config=train_config(settings, seed), device=device, show_progress=show, log=log,
+                       what=f"seed {seed} {arm}", extra={"size": settings.size})
 
 
 def _load_trained(folder: Path, args: dict[str, Any]):

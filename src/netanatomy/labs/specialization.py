@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..util.io import write_json, write_text
+from ..util.io import read_json, write_json, write_text
 from ..util.progress import progress
 from .stages import StageResult, fmt, machine_record, run_stage, with_overrides
 
@@ -161,7 +161,7 @@ def _train_stage(run: SeedRun, settings: LabSettings, data: LabData, device: tor
 
     def compute() -> dict[str, Any]:
         # resume a checkpoint only if it was made with these settings (else start over)
-        resume = _read_json(marker) == _plain(stage_settings)
+        resume = read_json(marker) == _plain(stage_settings)
         write_json(marker, stage_settings)
         log(f"seed {run.seed}: training {MODEL} for {settings.epochs} epochs on {len(data.train)} {data.spec} "
             "examples" + (" (resuming)" if resume else ""))
@@ -209,20 +209,12 @@ def _cluster_stage(run: SeedRun, settings: LabSettings, module, layer_map, show:
     return stage
 
 
-def _read_json(path: Path) -> Any:
-    """The JSON in `path`, or None when it is missing or unreadable (then the work is redone)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
 def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj))
 
 
 def _resume_shuffles(sidecar: Path, stage_settings: dict[str, Any]) -> list[float]:
-    state = _read_json(sidecar)
+    state = read_json(sidecar)
     if not isinstance(state, dict) or state.get("settings") != _plain(stage_settings):
         return []
     return [float(v) for v in state.get("ncuts", [])]

@@ -98,4 +98,41 @@ def fmt(x: Any, spec: str = ".3g") -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-__all__ = ["StageResult", "fmt", "machine_record", "read_stage", "run_stage", "settings_key", "with_overrides"]
+def train_stage(folder: str | Path, *, model: str, model_args: dict[str, Any], seed: int, data: Any, config: Any,
+                device: Any, show_progress: bool, log: Callable[[str], None], what: str,
+                extra: dict[str, Any] | None = None) -> StageResult:
+    """Train `model` (zoo name and arguments, initialized from `seed`) into FOLDER/model.pt, as a stage.
+
+    `data` has `.spec`, `.train`, `.test` and `.classes`. The training loop checkpoints every
+    epoch; a checkpoint made with other settings starts over (FOLDER/model.settings.json says
+    which settings the checkpoint belongs to), the same settings resume mid-training. `what`
+    names the run in log lines; `extra` adds settings that change the run (e.g. the image size).
+    """
+    from dataclasses import asdict
+
+    from ..models import load_model
+    from ..training import train
+    from ..util.io import read_json
+
+    folder = Path(folder)
+    weights = folder / "model.pt"
+    stage_settings = {"model": model, "model_args": model_args, "data": data.spec, **(extra or {}),
+                      "train_examples": len(data.train), "test_examples": len(data.test), "config": asdict(config)}
+    marker = folder / "model.settings.json"
+
+    def compute() -> dict[str, Any]:
+        folder.mkdir(parents=True, exist_ok=True)
+        resume = read_json(marker) == _normalized(stage_settings)
+        write_json(marker, stage_settings)
+        log(f"{what}: training for {config.epochs} epochs on {len(data.train)} images"
+            + (" (resuming)" if resume and (folder / "model.pt.resume.pt").is_file() else ""))
+        module = load_model(model, model_args=model_args, seed=seed).module
+        result = train(module, data.train, data.test, config, weights, device=device, resume=resume,
+                       meta={"model": model, "data": data.spec}, num_classes=data.classes, show_progress=show_progress)
+        return {"test_accuracy": result.test_accuracy, "epochs": result.epochs_done,
+                "resumed_from": result.resumed_from, "history": result.history, "model_args": model_args}
+
+    return run_stage(folder, "train", stage_settings, compute, requires=[weights])
+
+
+__all__ = ["StageResult", "fmt", "machine_record", "read_stage", "run_stage", "settings_key", "train_stage", "with_overrides"]

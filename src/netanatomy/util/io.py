@@ -114,6 +114,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return Path(path)
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in `path`, or None when it is missing or unreadable (the caller then redoes the work)."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_open(path, "w", encoding="utf-8") as handle:
         handle.write(text)

@@ -159,3 +159,77 @@ def _branches_human(doc: dict) -> str:
     lines += doc["summary"]
     lines.append(f"results: {doc['out']}/results.json, {doc['out']}/results.md ({doc['wall_s']:.0f} s)")
     return "\n".join(lines)
+
+
+def _names(text: str, option: str) -> tuple[str, ...]:
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not names:
+        raise click.BadParameter("give at least one name", param_hint=option)
+    return names
+
+
+@command.command("banding", short_help="Weight banding: the simplified net and the article's 11 interventions.")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/lab-banding", show_default=True,
+              help="Folder for checkpoints, stage results, pictures and the results table (re-used on a re-run).")
+@click.option("--data", "data", multiple=True, metavar="DATA",
+              help="A labelled data set (fashion-mnist, photos, cifar10:DIR, folder:DIR, ...), read at 28 px; repeat "
+                   "for several  [default: fashion-mnist and photos].")
+@click.option("--variants", default=None, metavar="LIST",
+              help="Variants to train, comma-separated  [default: all 12: baseline, rotate, no_gap, xpool, masks3, "
+                   "masks5, masks16, attention, mask7x7, coordconv, split16, maxpool4096].")
+@click.option("--seeds", default=None, metavar="LIST", help="Seeds, e.g. 0,1,2 or 0-4  [default: 0,1,2].")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Training epochs of every network  [default: 5].")
+@click.option("--width", type=click.IntRange(1), default=None,
+              help="Channels of the first group; the last has 8x  [default: 16].")
+@click.option("--jobs", type=click.IntRange(1), default=1, show_default=True,
+              help="Networks trained at once, each in its own process on one torch thread.")
+@click.option("--quick", is_flag=True, help="Smoke run: 1 seed, 1 epoch on 1600 bundled Fashion-MNIST images, width 4, "
+                                            "99 permutations (under two minutes).")
+@device_option
+@json_option
+def banding(out, data, variants, seeds, epochs, width, jobs, quick, device, as_json) -> None:
+    """The Weight Banding study's simplified net (six 3x3 conv groups, L2 pooling, global average
+    pooling, linear) and each intervention, trained per data set and seed: the banding of the
+    last three conv layers (H, V, H - V with a test against unit transposes, orientation, the
+    kernels that carry it), test accuracy and NMF pictures of the last conv layer; writes
+    OUT/results.json, OUT/results.md and OUT/banding_index.png beside the article's findings."""
+    from ...labs.banding import FULL, QUICK, open_lab_data, run_banding, with_overrides
+    from ...util.progress import enabled
+
+    settings = with_overrides(QUICK if quick else FULL, data=tuple(data) or None,
+                              variants=_names(variants, "--variants") if variants is not None else None,
+                              seeds=parse_seeds(seeds) if seeds is not None else None,
+                              epochs=epochs, width=width).checked()
+    check_output(out, folder=True)
+    lab_data = {spec: open_lab_data(spec, settings) for spec in settings.data}
+
+    def log(message: str) -> None:
+        if enabled():
+            click.echo(f"lab banding: {message}", err=True)
+
+    spelled = (f"netanatomy lab banding --out {out} " + " ".join(f"--data '{d}'" for d in settings.data)
+               + f" --variants {','.join(settings.variants)} --seeds {','.join(map(str, settings.seeds))} "
+               f"--epochs {settings.epochs} --width {settings.width} --jobs {jobs}" + (" --quick" if quick else ""))
+    doc = run_banding(out, settings, device=device, jobs=jobs, log=log, command=spelled, data=lab_data)
+    emit(doc, as_json, _banding_human)
+
+
+def _banding_human(doc: dict) -> str:
+    lines = [f"{'data':<16} {'variant':<12} {'acc':>6} {'g6 H-V':>8} {'g6':>6} {'g5 H-V':>8} {'g5':>6} "
+             f"{'article':<12} agrees"]
+    calls = {"horizontal": "H", "vertical": "V", "none": "-"}
+    for v in doc["variants"]:
+        names = list(v["layers"])
+        g6, g5 = v["layers"][names[-1]], v["layers"][names[-2]]
+        lines.append(f"{v['data'][:16]:<16} {v['variant']:<12} {_num(v['test_accuracy']['mean'], 6, '.3f')} "
+                     f"{_signed(g6['index']['mean'])} {''.join(calls[c] for c in g6['directions']):>6} "
+                     f"{_signed(g5['index']['mean'])} {''.join(calls[c] for c in g5['directions']):>6} "
+                     f"{v['expect']:<12} {'yes' if v['agrees'] else 'no'}")
+    lines.append("H/V per seed: H - V significant (p <= 0.01, unit transposes) one way or the other; - neither")
+    lines += [line for line in doc["summary"] if " agrees with the article" in line]
+    lines.append(f"results: {doc['out']}/results.json, {doc['out']}/results.md ({doc['wall_s']:.0f} s)")
+    return "\n".join(lines)
+
+
+def _signed(x) -> str:
+    return f"{'n/a':>8}" if x is None else f"{x:>+8.3f}"
