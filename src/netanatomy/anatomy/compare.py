@@ -62,7 +62,7 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, layers_a: Sequence[st
     Returns the JSON document of `netanatomy compare` (without figures) and, under "_kept",
     the subsample's per-layer values and data indices (for figures; not JSON).
     """
-    from ..capture.activations import _batches, _split_batch
+    from ..capture.activations import example_batches
     from ..models.layout import channels_last, prefers_channels_last
     from ..util.devices import resolve_device
 
@@ -93,12 +93,7 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, layers_a: Sequence[st
         for layout in layouts:
             layout.__enter__()
         with torch.no_grad():
-            for batch in _batches(data, batch_size):
-                x, _, index = _split_batch(batch, seen)
-                if max_examples is not None:
-                    x, index = x[:max_examples - seen], index[:max_examples - seen]
-                if x.shape[0] == 0:
-                    break
+            for x, _, index in example_batches(data, batch_size, max_examples):
                 x = x.to(dev)
                 va, vb = _values(model_a, la, x, stage, reduce), _values(model_b, lb, x, stage, reduce)
                 main.update(va + vb)
@@ -112,8 +107,6 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, layers_a: Sequence[st
                     kept_index.append(index[:room].numpy())
                 seen += x.shape[0]
                 bar.update(x.shape[0])
-                if max_examples is not None and seen >= max_examples:
-                    break
     finally:
         bar.close()
         for layout in reversed(layouts):

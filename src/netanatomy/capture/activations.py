@@ -8,7 +8,7 @@ layer, whatever the length of the stream.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -104,6 +104,23 @@ def _split_batch(batch, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return x, labels, index
 
 
+def example_batches(data, batch_size: int, max_examples: int | None = None
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(x, labels, data set indices) batch by batch, the first `max_examples` examples at most."""
+    seen = 0
+    for batch in _batches(data, batch_size):
+        x, labels, index = _split_batch(batch, seen)
+        if max_examples is not None and seen + x.shape[0] > max_examples:
+            keep = max_examples - seen
+            x, labels, index = x[:keep], labels[:keep], index[:keep]
+        if x.shape[0] == 0:
+            return
+        yield x, labels, index
+        seen += x.shape[0]
+        if max_examples is not None and seen >= max_examples:
+            return
+
+
 def capture_activations(model: nn.Module, layers: Sequence[str | Layer], data, *, stage: str = "pre",
                         reduce: str = "mean", top_k: int = 10, topk_by: str = "max", keep_values: int = 5000,
                         covariance: bool = True, max_examples: int | None = None, batch_size: int = 256,
@@ -150,19 +167,11 @@ def capture_activations(model: nn.Module, layers: Sequence[str | Layer], data, *
             recording(model, chosen, stage, on_layer, stop_early=True) as recorder:
         bar = progress(total=max_examples or total, desc="capture", unit="ex", disable=None if show_progress else True)
         try:
-            for batch in _batches(data, batch_size):
-                x, labels, index = _split_batch(batch, seen)
-                if max_examples is not None and seen + x.shape[0] > max_examples:
-                    keep = max_examples - seen
-                    x, labels, index = x[:keep], labels[:keep], index[:keep]
-                if x.shape[0] == 0:
-                    break
+            for x, labels, index in example_batches(data, batch_size, max_examples):
                 state["labels"], state["index"] = labels.to(dev), index.to(dev)
                 recorder.forward(x.to(dev, non_blocking=True))
                 seen += x.shape[0]
                 bar.update(x.shape[0])
-                if max_examples is not None and seen >= max_examples:
-                    break
         finally:
             bar.close()
     if seen == 0:
