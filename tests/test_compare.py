@@ -228,3 +228,17 @@ def test_bad_input_exits_2_with_one_line(args, needle, capsys):
     assert run(["compare", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("netanatomy: error:") and "\n" not in err and needle in err
+
+
+def test_default_layers_are_all_of_a_small_model_and_8_evenly_spaced_of_a_deep_one():
+    from netanatomy.cli.commands.compare import default_layers
+    from netanatomy.models.layers import discover_layers
+
+    small = load_model("zoo:mlp")
+    assert default_layers(discover_layers(small.module, small.input_shape)) == ["fc1", "fc2", "fc3", "fc4", "fc5"]
+    deep = load_model("zoo:minception")
+    names = [l.name for l in discover_layers(deep.module, deep.input_shape).values()]
+    picked = default_layers(discover_layers(deep.module, deep.input_shape))
+    assert len(picked) == 8 and picked[0] == names[0] and picked[-1] == names[-1]
+    gaps = np.diff([names.index(n) for n in picked])
+    assert gaps.max() - gaps.min() <= 1

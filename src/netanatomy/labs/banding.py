@@ -39,6 +39,7 @@ import torch
 
 from ..errors import UsageError, suggest
 from ..models.zoo.bandingnet import VARIANTS
+from ..util.figures import pyplot
 from ..util.io import file_stem, save_figure, write_json, write_text
 from .stages import StageResult, fmt, machine_record, run_stage, train_stage, with_overrides
 
@@ -299,7 +300,6 @@ def _measure_stage(folder: Path, task: Task, settings: BandingSettings, trained:
 
     def compute() -> dict[str, Any]:
         from ..models import load_model
-        from ..util.figures import pyplot
 
         log(f"{task.what}: banding of the last three conv layers")
         module = load_model(MODEL, weights=str(folder / "model.pt"), model_args=trained.result["model_args"]).module
@@ -322,7 +322,8 @@ def task_row(task: Task, trained: StageResult, measured: StageResult) -> dict[st
     m = measured.result
     history = trained.result.get("history") or [{}]
     return {"data": task.data, "variant": task.variant, "seed": task.seed,
-            "test_accuracy": trained.result["test_accuracy"], "train_loss": history[-1].get("train_loss"),
+            "test_accuracy": trained.result["test_accuracy"], "train_accuracy": history[-1].get("train_accuracy"),
+            "train_loss": history[-1].get("train_loss"),
             "layers": m["layers"], "last": m["last"], "head": m["head"],
             "picture": f"{data_folder(task.data)}/{task.variant}/seed_{task.seed}/weights.png",
             "reused": {"train": trained.reused, "measure": measured.reused},
@@ -470,6 +471,7 @@ def summarize(rows: Sequence[dict[str, Any]], settings: BandingSettings) -> list
             out.append({
                 "data": spec, "variant": variant, "seeds": [r["seed"] for r in mine],
                 "test_accuracy": _stats([r["test_accuracy"] for r in mine]),
+                "train_accuracy": _stats([r.get("train_accuracy") for r in mine]),
                 "layers": per_layer, "last": layers[-1], "target_layer": target, "expect": expect,
                 "matching_seeds": matching, "agrees": matching * 2 > len(mine),
                 "head": {"layer": heads[0]["layer"], "index": _stats([h["index"] for h in heads]),
@@ -506,7 +508,7 @@ ORIENTATION_COLOURS = {"horizontal": "tab:blue", "vertical": "tab:orange", "none
 
 def index_figure(doc: dict[str, Any]) -> Any:
     """The last conv layer's H - V of every seed, per variant, one panel per data set."""
-    plt = pyplot_()
+    plt = pyplot()
     specs = doc["settings"]["data"]
     variants = doc["settings"]["variants"]
     fig, axes = plt.subplots(len(specs), 1, figsize=(max(7.0, 0.75 * len(variants) + 2), 3.2 * len(specs)),
@@ -543,18 +545,12 @@ def index_figure(doc: dict[str, Any]) -> Any:
     return fig
 
 
-def pyplot_():
-    from ..util.figures import pyplot
-
-    return pyplot()
-
-
 def _save_index_figure(doc: dict[str, Any], path: Path) -> None:
     fig = index_figure(doc)
     try:
         save_figure(fig, path, dpi=110)
     finally:
-        pyplot_().close(fig)
+        pyplot().close(fig)
 
 
 def _hv(layer: dict[str, Any]) -> str:
@@ -602,7 +598,7 @@ def results_markdown(doc: dict[str, Any]) -> str:
         lines += [f"## {spec}", "",
                   f"{d['train_examples']} training and {d['test_examples']} test images, {d['classes']} classes, "
                   f"{d['channels']} channel(s), {s['size']} px.", "",
-                  "| variant | article | test acc. | g6 (last conv) H / V / index | g6 axis test | g5 H / V / index | "
+                  "| variant | article | train / test acc. | g6 (last conv) H / V / index | g6 axis test | g5 H / V / index | "
                   "g5 axis test | g4 index, axis test | g6 orientation rule | eff. kernels (g6) | share H>V (g6) | "
                   "head index, axis test | agrees |",
                   "|:--|:--|---:|:--|:--|:--|:--|:--|:--|---:|---:|:--|:--|"]
@@ -612,7 +608,8 @@ def results_markdown(doc: dict[str, Any]) -> str:
             head = v["head"]
             kernels = next(r for r in doc["rows"] if r["data"] == spec)["layers"][names[-1]]["n_kernels"]
             lines.append(
-                f"| {v['variant']} | {ANCHOR[v['variant']]['article']} | {fmt(v['test_accuracy']['mean'], '.3f')} | "
+                f"| {v['variant']} | {ANCHOR[v['variant']]['article']} | {fmt(v['train_accuracy']['mean'], '.3f')} / "
+                f"{fmt(v['test_accuracy']['mean'], '.3f')} | "
                 f"{_hv(g6)} | {_calls(g6['directions'])} | {_hv(g5)} | {_calls(g5['directions'])} | "
                 f"{fmt(g4['index']['mean'], '+.3f')}, {_calls(g4['directions'])} | {_calls(g6['orientations'])} | "
                 f"{fmt(g6['effective_kernels']['mean'], '.0f')} of {kernels} | "

@@ -8,18 +8,25 @@ from ..options import device_option, emit, input_shape_option, json_option, load
 
 def _table(result: dict) -> str:
     lines = [f"{'layer':28s} {'H':>6s} {'V':>6s} {'H-V':>7s} {'orientation':11s} {'p':>7s}  "
-             f"{'kernels':>7s} {'eff.':>6s} {'H>V':>5s}"]
+             f"{'kernels':>7s} {'eff.':>6s} {'H>V':>5s} {'axis p':>7s}"]
     for r in result["layers"]:
         if r.get("skipped"):
             lines.append(f"{r['layer']:28s} skipped: {r['skipped']}")
             continue
         lines.append(f"{r['layer']:28s} {r['horizontal']:6.3f} {r['vertical']:6.3f} {r['index']:+7.3f} "
                      f"{r['orientation']:11s} {r['p_value']:7.4f}  {r['n_kernels']:7d} {r['effective_kernels']:6.1f} "
-                     f"{r['share_h_over_v']:5.0%}")
+                     f"{r['share_h_over_v']:5.0%} {_axis_p(r):>7s}")
     lines.append(f"chance: H = (kh-1)/(kh*kw-1), V = (kw-1)/(kh*kw-1); p: {result['null']}")
     lines.append("H, V weigh kernels by energy; eff.: the number of equal-energy kernels that would give the same "
                  "spread ((sum SS)^2 / sum SS^2); H>V: share of kernels whose own H exceeds their own V, unweighted")
+    lines.append("axis p: H - V against random transposes of whole units (two-sided; smooth isotropic kernels do not "
+                 "pass it)")
     return "\n".join(lines)
+
+
+def _axis_p(record: dict) -> str:
+    axis = record.get("axis") or {}
+    return "n/a" if axis.get("p") is None else f"{axis['p']:.4f}"
 
 
 @click.command("banding")
