@@ -242,3 +242,35 @@ def test_default_layers_are_all_of_a_small_model_and_8_evenly_spaced_of_a_deep_o
     assert len(picked) == 8 and picked[0] == names[0] and picked[-1] == names[-1]
     gaps = np.diff([names.index(n) for n in picked])
     assert gaps.max() - gaps.min() <= 1
+
+
+def test_an_interrupted_compare_resumes_from_its_checkpoint(tmp_path, data, monkeypatch):
+    import netanatomy.anatomy.compare as compare
+
+    a = load_model("zoo:mlp", seed=0).module.eval()
+    b = load_model("zoo:mlp", seed=3).module.eval()
+    kwargs = dict(null_models=2, stage="pre", show_progress=False, batch_size=50, max_examples=300, knn_examples=120)
+    fresh = compare_models(a, b, ["fc1", "fc2"], ["fc1", "fc2"], data, **kwargs)
+    state = tmp_path / "state.npz"
+    real, calls = compare._values, []
+
+    def dies_in_the_fourth_batch(*args, **kw):
+        calls.append(1)
+        if len(calls) == 4 * 4:                   # A, B and two null copies per batch
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(compare, "_values", dies_in_the_fourth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        compare_models(a, b, ["fc1", "fc2"], ["fc1", "fc2"], data, checkpoint=state, checkpoint_key="k",
+                       checkpoint_every=1, **kwargs)
+    assert state.is_file()
+    monkeypatch.setattr(compare, "_values", real)
+    with np.load(state) as saved:
+        assert int(saved["seen"]) == 150
+    resumed = compare_models(a, b, ["fc1", "fc2"], ["fc1", "fc2"], data, checkpoint=state, checkpoint_key="k",
+                             checkpoint_every=1, **kwargs)
+    assert not state.exists()
+    for key in ("cka", "matching", "examples"):
+        assert json.dumps(resumed[key]) == json.dumps(fresh[key])
+    assert np.array_equal(resumed["_kept"]["index"], fresh["_kept"]["index"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,13 +55,19 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, layers_a: Sequence[st
                    pairs: Sequence[tuple[str, str]] | None = None, null_models: int = 3, seed: int = 0,
                    stage: str = "post", reduce: str = "mean", batch_size: int = 64, max_examples: int | None = None,
                    knn_examples: int = 1000, knn_k: int = 10, device: str | torch.device = "cpu",
-                   show_progress: bool = True) -> dict[str, Any]:
+                   show_progress: bool = True, checkpoint: str | Path | None = None,
+                   checkpoint_key: str = "", checkpoint_every: int = 20) -> dict[str, Any]:
     """CKA of every (A layer, B layer), and unit matching of `pairs` (default: the i-th layers
     of A and B when both lists are as long, else each A layer with its most similar B layer by
     debiased CKA), with counterparts tested against `null_models` random-weight copies of B.
 
     Returns the JSON document of `netanatomy compare` (without figures) and, under "_kept",
     the subsample's per-layer values and data indices (for figures; not JSON).
+
+    With `checkpoint` (a .npz path) the streamed statistics are saved there every
+    `checkpoint_every` batches (atomically, arrays only); a later call with the same
+    `checkpoint_key` (the caller's hash of every setting) skips the examples already seen and
+    goes on from them, so an interrupted pass resumes. The file is removed when the pass ends.
     """
     from ..capture.activations import example_batches
     from ..models.layout import channels_last, prefers_channels_last
@@ -86,14 +93,20 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, layers_a: Sequence[st
     total = len(data) if hasattr(data, "__len__") else None
     if max_examples is not None:
         total = min(total or max_examples, max_examples)
-    seen = 0
+    seen = _restore(checkpoint, checkpoint_key, main, null_acc, kept_a, kept_b, kept_index)
     layouts = [channels_last(m, enabled=prefers_channels_last(m, dev)) for m in (model_a, model_b, *nulls)]
-    bar = progress(total=total, desc="compare", unit="ex", disable=None if show_progress else True)
+    bar = progress(total=total, initial=seen, desc="compare", unit="ex", disable=None if show_progress else True)
+    skip = seen
     try:
         for layout in layouts:
             layout.__enter__()
         with torch.no_grad():
-            for x, _, index in example_batches(data, batch_size, max_examples):
+            for batch_no, (x, _, index) in enumerate(example_batches(data, batch_size, max_examples)):
+                if skip >= x.shape[0]:          # seen before the checkpoint
+                    skip -= x.shape[0]
+                    continue
+                x, index = x[skip:], index[skip:]
+                skip = 0
                 x = x.to(dev)
                 va, vb = _values(model_a, la, x, stage, reduce), _values(model_b, lb, x, stage, reduce)
                 main.update(va + vb)
@@ -107,12 +120,16 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, layers_a: Sequence[st
                     kept_index.append(index[:room].numpy())
                 seen += x.shape[0]
                 bar.update(x.shape[0])
+                if checkpoint is not None and (batch_no + 1) % checkpoint_every == 0:
+                    _save(checkpoint, checkpoint_key, seen, main, null_acc, kept_a, kept_b, kept_index)
     finally:
         bar.close()
         for layout in reversed(layouts):
             layout.__exit__(None, None, None)
     if seen < 4:
         raise UsageError(f"CKA needs at least 4 examples; the data gave {seen}")
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
 
     na = len(la)
     sims = main.similarity([(i, na + j) for i in range(na) for j in range(len(lb))])
@@ -139,6 +156,49 @@ def compare_models(model_a: nn.Module, model_b: nn.Module, layers_a: Sequence[st
         "_kept": {"a": dict(zip([l.name for l in la], ka)), "b": dict(zip([l.name for l in lb], kb)),
                   "index": np.concatenate(kept_index), "moments": main, "offset_b": na},
     }
+
+
+def _save(path, key: str, seen: int, main: CrossMoments, nulls: Sequence[CrossMoments], kept_a, kept_b,
+          kept_index) -> None:
+    from ..util.io import atomic_open
+
+    arrays = {"key": np.array(key), "seen": np.array(seen), **main.state("main")}
+    for r, acc in enumerate(nulls):
+        arrays.update(acc.state(f"null{r}"))
+    for side, kept in (("a", kept_a), ("b", kept_b)):
+        for i, parts in enumerate(kept):
+            arrays[f"kept_{side}{i}"] = np.concatenate(parts) if parts else np.zeros((0, 0))
+    arrays["kept_index"] = np.concatenate(kept_index) if kept_index else np.zeros(0, dtype=np.int64)
+    with atomic_open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def _restore(path, key: str, main: CrossMoments, nulls: Sequence[CrossMoments], kept_a, kept_b, kept_index) -> int:
+    """Examples already seen according to the checkpoint at `path` (0 if none fits `key`)."""
+    if path is None or not Path(path).is_file():
+        return 0
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            if str(arrays["key"]) != key:
+                return 0
+            main.restore(arrays, "main")
+            for r, acc in enumerate(nulls):
+                acc.restore(arrays, f"null{r}")
+            for side, kept in (("a", kept_a), ("b", kept_b)):
+                for i in range(len(kept)):
+                    part = arrays[f"kept_{side}{i}"]
+                    kept[i] = [part] if part.size else []
+            index = arrays["kept_index"]
+            kept_index[:] = [index] if index.size else []
+            return int(arrays["seen"])
+    except (OSError, KeyError, ValueError):   # unreadable or of other settings: start over
+        main.__init__(main.dims)
+        for acc in nulls:
+            acc.__init__(acc.dims)
+        for kept in (kept_a, kept_b):
+            kept[:] = [[] for _ in kept]
+        kept_index.clear()
+        return 0
 
 
 def _pairs(pairs, la, lb, cka) -> list[tuple[str, str]]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -80,6 +81,27 @@ class CrossMoments:
         self.norm_total += norms.sum(axis=0)
         self.norm_weighted += norms.T @ z
         self.norm_gram += norms.T @ norms
+
+    # -- saving and restoring (a long pass resumes from its last checkpoint) ---------------
+    _ARRAYS = ("total", "gram", "norm_total", "norm_weighted", "norm_gram")
+
+    def state(self, prefix: str) -> dict[str, np.ndarray]:
+        """Plain arrays (no objects: they load with allow_pickle=False) keyed `prefix.NAME`."""
+        out = {f"{prefix}.{k}": getattr(self, k) for k in self._ARRAYS}
+        out[f"{prefix}.n"] = np.array(self.n)
+        out[f"{prefix}.dims"] = np.array(self.dims)
+        if self.shift is not None:
+            out[f"{prefix}.shift"] = self.shift
+        return out
+
+    def restore(self, arrays: Any, prefix: str) -> None:
+        """Load what `state(prefix)` saved; refused (ValueError) if the blocks differ."""
+        if [int(d) for d in arrays[f"{prefix}.dims"]] != self.dims:
+            raise ValueError("the saved statistics are of other blocks")
+        for k in self._ARRAYS:
+            setattr(self, k, np.array(arrays[f"{prefix}.{k}"], dtype=np.float64))
+        self.n = int(arrays[f"{prefix}.n"])
+        self.shift = np.array(arrays[f"{prefix}.shift"]) if f"{prefix}.shift" in arrays else None
 
     # -- derived quantities ----------------------------------------------------------------
     def mean(self) -> np.ndarray:

@@ -115,11 +115,18 @@ def run_compare(a, b, dataset, names_a, names_b, *, pairs, examples, null_models
     from ...anatomy.compare import compare_models, recurrence_between
     from ...util.io import save_figure, write_json
 
+    from ...labs.stages import settings_key
+
     started = time.perf_counter()
+    # an interrupted pass resumes from OUT/compare.state.npz when every setting is the same
+    key = settings_key({**meta, "files": [_file_id(a.weights), _file_id(b.weights)], "layers": [names_a, names_b],
+                        "pairs": pairs, "examples": examples, "null_models": null_models, "stage": stage,
+                        "reduce": reduce, "knn": knn_examples, "batch": batch_size, "seed": seed})
     result = compare_models(a.module, b.module, names_a, names_b, dataset, input_shape_a=a.input_shape,
                             input_shape_b=b.input_shape, pairs=pairs, null_models=null_models, seed=seed, stage=stage,
                             reduce=reduce, batch_size=batch_size, max_examples=examples, knn_examples=knn_examples,
-                            device=device)
+                            device=device, checkpoint=Path(out) / "compare.state.npz" if out else None,
+                            checkpoint_key=key)
     kept = result.pop("_kept")
     if clusters is not None:
         widths_a = {l["name"]: l["units"] for l in result["layers_a"]}
@@ -133,6 +140,7 @@ def run_compare(a, b, dataset, names_a, names_b, *, pairs, examples, null_models
         from ...util.io import file_stem
 
         folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
         figures = {"cka": "cka.png"}
         made = [(cka_figure(doc, meta["model_a"], meta["model_b"]), folder / "cka.png")]
 
@@ -152,6 +160,16 @@ def run_compare(a, b, dataset, names_a, names_b, *, pairs, examples, null_models
         doc["figures"] = figures
         write_json(folder / "compare.json", doc)
     return doc
+
+
+def _file_id(path) -> list | None:
+    """A weights file as its path, size and modification time (a changed file is another run)."""
+    import os
+
+    if not path:
+        return None
+    info = os.stat(path)
+    return [str(path), info.st_size, info.st_mtime_ns]
 
 
 def _human(doc: dict) -> str:
