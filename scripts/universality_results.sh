@@ -42,3 +42,11 @@ for pair in "0 1" "0 2" "1 2"; do
     --clusters-a "$OUT/mlp_seed$1.clusters.out.json" --clusters-b "$OUT/mlp_seed$2.clusters.out.json" \
     --out "$OUT/mlp_$1_vs_$2" --json
 done
+
+# 3. The early layers again, each unit read at the centre of its map instead of its spatial mean
+#    (a spatial mean of an early unit is close to a linear function of the patch's mean colour,
+#    which random filters share; the centre value is a local response).
+run "$OUT/imagenet_early_center.json" $NA compare zoo:mobilenet_v2-imagenet zoo:efficientnet_lite0-imagenet \
+  --data "photos?n=2000" --examples 2000 --layers-a stem,block1_project,block2_expand \
+  --layers-b stem,block0_project,block1_expand --reduce center --null-models 3 \
+  --out "$OUT/imagenet_early_center" --json

@@ -214,7 +214,7 @@ def test_compare_cli_writes_the_json_and_the_figures(tmp_path, capsys, data):
     assert len(doc["cka"]) == 4 and doc["examples"] == 300
     fc2 = doc["matching"][1]
     assert fc2["layer_a"] == "fc2" and [p[1] for p in fc2["pairs"]] == torch.argsort(perm).tolist()
-    for name in ("cka.png", "match_fc1__fc1.png", "pairs_fc2__fc2.png", "compare.json"):
+    for name in ("cka.png", "match_fc1__fc1.png", "pairs_fc2__fc2.jpg", "compare.json"):
         assert (out / name).stat().st_size > 1000
 
 
