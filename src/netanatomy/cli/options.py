@@ -10,7 +10,7 @@ import click
 from ..util.io import dumps
 from .boundary import check_output, load_cli_model, open_cli_data, parse_shape, read_cli_clusters
 
-__all__ = ["check_output", "device_option", "emit", "input_shape_option", "json_option", "load_cli_model",
+__all__ = ["check_output", "comma_list", "device_option", "emit", "input_shape_option", "json_option", "load_cli_model",
            "model_argument", "open_cli_data", "parse_shape", "parse_units", "read_cli_clusters", "seed_option"]
 
 
@@ -53,6 +53,12 @@ def emit(result: Any, as_json: bool, human: Callable[[Any], str] | str | None = 
 def input_shape_option(f: Callable) -> Callable:
     return click.option("--input-shape", "input_shape", default=None, metavar="C,H,W",
                         help="Input shape when the model does not declare one (e.g. 3,224,224).")(f)
+
+
+def comma_list(values: str | tuple[str, ...]) -> list[str]:
+    """'a,b' or ('a,b', 'c') (a repeated option) -> ['a', 'b', 'c'], blanks dropped."""
+    texts = (values,) if isinstance(values, str) else values
+    return [v.strip() for text in texts for v in text.split(",") if v.strip()]
 
 
 def parse_units(text: str | None, count: int) -> list[int]:

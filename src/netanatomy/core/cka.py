@@ -156,10 +156,10 @@ class CrossMoments:
     def correlation(self, b: int, c: int) -> np.ndarray:
         """Pearson r between every unit of block b (rows) and of block c (columns); 0 for a
         constant unit."""
-        gc = self.centred_gram()
-        d = np.sqrt(np.clip(np.diag(gc), 0.0, None))
-        num = gc[self.block(b), self.block(c)]
-        den = np.outer(d[self.block(b)], d[self.block(c)])
+        m, rows, cols = self.mean(), self.block(b), self.block(c)
+        num = self.gram[rows, cols] - self.n * np.outer(m[rows], m[cols])   # only the block, not all P x P
+        d = np.sqrt(np.clip(np.diag(self.gram) - self.n * (m * m), 0.0, None))
+        den = np.outer(d[rows], d[cols])
         with np.errstate(invalid="ignore", divide="ignore"):
             r = np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0)
         return np.clip(r, -1.0, 1.0)

@@ -210,12 +210,11 @@ def direction(record: dict[str, Any], alpha: float = ALPHA) -> str:
     return "horizontal" if axis["index"] > 0 else "vertical"
 
 
-def measure(module: torch.nn.Module, variant: str, *, permutations: int, seed: int) -> dict[str, Any]:
+def measure(module: torch.nn.Module, variant: str, *, permutations: int, seed: int, layer_map=None) -> dict[str, Any]:
     """Banding records of the scored layers and the head (see `scored_layers`)."""
     from ..anatomy.banding import model_banding
-    from ..models.layers import discover_layers
 
-    layer_map = discover_layers(module, module.netanatomy_input_shape)
+    layer_map = layer_map or _layer_map(module)
     layers, head = scored_layers(module, variant)
     records = model_banding(module, layer_map, layers + ([head] if head else []), n_permutations=permutations,
                             seed=seed, alpha=ALPHA, show_progress=False)
@@ -224,15 +223,19 @@ def measure(module: torch.nn.Module, variant: str, *, permutations: int, seed: i
             "head": {"layer": head, **by_name[head]} if head else None}
 
 
-def weights_picture(module: torch.nn.Module, layer: str, record: dict[str, Any], caption: str, seed: int) -> Any:
-    """NMF weight pictures of `layer`, titled with its banding score."""
-    from ..anatomy import layer_pictures, layer_weights
-    from ..anatomy.plots import weights_figure
+def _layer_map(module: torch.nn.Module):
     from ..models.layers import discover_layers
 
-    layer_map = discover_layers(module, module.netanatomy_input_shape)
-    lw = layer_weights(module, layer_map, layer)
-    record = {**record, "direction": record.get("direction") or direction(record)}
+    return discover_layers(module, module.netanatomy_input_shape)
+
+
+def weights_picture(module: torch.nn.Module, layer: str, record: dict[str, Any], caption: str, seed: int,
+                    layer_map=None) -> Any:
+    """NMF weight pictures of `layer`, titled with its banding record (as `measure` gives it)."""
+    from ..anatomy import layer_pictures, layer_weights
+    from ..anatomy.plots import weights_figure
+
+    lw = layer_weights(module, layer_map or _layer_map(module), layer)
     pics = layer_pictures(lw.weights, seed=seed)
     axis = record.get("axis") or {}
     note = (f"{caption}\nH {record['horizontal']:.3f}, V {record['vertical']:.3f} (chance {record['expected_h']:.3f} "
@@ -273,23 +276,19 @@ def run_task(out: str | Path, task: Task, settings: BandingSettings, *, device: 
     Runs torch on one thread (two threads on two shared cores wait for each other at every op
     of these small maps), and gives the caller's thread count back.
     """
-    from ..util.devices import resolve_device
+    from ..util.devices import one_thread, resolve_device
 
     say = log or (lambda _: None)
     out = Path(out)
     data = data or _cached_data(task.data, settings)
     dev = resolve_device(device)
     folder = task.folder(out)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         args = model_args(settings, task.variant, data.channels, data.classes)
         trained = train_stage(folder, model=MODEL, model_args=args, seed=task.seed, data=data,
                               config=train_config(settings, task.seed), device=dev, show_progress=show_progress,
                               log=say, what=task.what, extra={"size": settings.size})
         measured = _measure_stage(folder, task, settings, trained, say)
-    finally:
-        torch.set_num_threads(threads)
     return task_row(task, trained, measured)
 
 
@@ -303,11 +302,13 @@ def _measure_stage(folder: Path, task: Task, settings: BandingSettings, trained:
 
         log(f"{task.what}: banding of the last three conv layers")
         module = load_model(MODEL, weights=str(folder / "model.pt"), model_args=trained.result["model_args"]).module
-        result = measure(module, task.variant, permutations=settings.permutations, seed=task.seed)
+        layer_map = _layer_map(module)
+        result = measure(module, task.variant, permutations=settings.permutations, seed=task.seed,
+                         layer_map=layer_map)
         last = result["last"]
         fig = weights_picture(module, last, result["layers"][last],
                               f"{task.data}, {task.variant}, seed {task.seed}, test accuracy "
-                              f"{fmt(trained.result['test_accuracy'], '.3f')}", task.seed)
+                              f"{fmt(trained.result['test_accuracy'], '.3f')}", task.seed, layer_map=layer_map)
         try:
             save_figure(fig, picture, dpi=100, bbox_inches="tight")
         finally:

@@ -30,8 +30,7 @@ OUT/results.json and OUT/results.md, one row per seed beside the article's findi
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UsageError
+from ..util.devices import one_thread
 from ..util.figures import pyplot
 from ..util.io import write_json, write_text
 from .stages import StageResult, fmt, machine_record, run_stage, train_stage, with_overrides
@@ -302,20 +302,6 @@ def group_filters_figure(filters: Tensor, stats: dict[str, Any], title: str) -> 
 
 # ---------------------------------------------------------------------------------------------
 # Stages of one seed and arm
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch in one thread, and give the caller's count back.
-
-    On a CPU shared with other jobs, two torch threads on two cores wait for each other at
-    every operation (7 to 25 times slower on this lab's small maps than one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_stage(folder: Path, seed: int, arm: str, settings: BranchesSettings, data: LabData, device,

@@ -94,6 +94,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..errors import UsageError
 from ..models.layers import Layer, Tracer
 from ..models.layout import channels_last, prefers_channels_last
+from ..util.devices import one_thread
 from ..util.seeding import derive
 
 # What a unit's output is (see the module docstring): the kinds of steps come from the one list
@@ -860,12 +861,8 @@ def _spectral(weight: torch.Tensor, key: str, matrices) -> torch.Tensor:
         if a.shape[-1] > _MAX_GRAM:
             raise _Unbounded(f"a {a.shape[-2]}x{a.shape[-1]} weight is too large to bound its norm")
         gram = a.transpose(-1, -2) @ a
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)   # LAPACK's threaded eigensolver stalls on busy machines (1.5 s vs 3 ms)
-        try:
+        with one_thread():   # LAPACK's threaded eigensolver stalls on busy machines (1.5 s vs 3 ms)
             top = torch.linalg.eigvalsh(gram)[..., -1].clamp(min=0)
-        finally:
-            torch.set_num_threads(threads)
         # eigvalsh is backward stable: |error| <= p(k) u64 ||gram||, far below 1e-9 of the trace
         entry[1][key] = (top * (1 + 1e-9) + 1e-9 * gram.diagonal(dim1=-2, dim2=-1).sum(-1)).sqrt() * (1 + 1e-12)
     return entry[1][key]

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import click
 
-from ..options import check_output, device_option, emit, json_option, load_cli_model, open_cli_data, seed_option
+from ..boundary import check_data_fits
+from ..options import (check_output, comma_list, device_option, emit, json_option, load_cli_model, open_cli_data,
+                       seed_option)
 
 DEFAULT_LAYERS = 8      # evenly spaced layers when a model has more than MAX_ALL_LAYERS and none are named
 MAX_ALL_LAYERS = 12
@@ -16,10 +18,6 @@ def default_layers(layer_map) -> list[str]:
         return names
     picks = sorted({round(i * (len(names) - 1) / (DEFAULT_LAYERS - 1)) for i in range(DEFAULT_LAYERS)})
     return [names[i] for i in picks]
-
-
-def _split_list(values: tuple[str, ...]) -> list[str]:
-    return [v.strip() for text in values for v in text.split(",") if v.strip()]
 
 
 @click.command("compare")
@@ -70,14 +68,14 @@ def command(model_a, model_b, data, split, weights_a, weights_b, model_args_a, m
         raise UsageError("give both --clusters-a and --clusters-b, or neither")
     a = load_cli_model(model_a, weights_a, model_args_a, device, seed=seed)
     b = load_cli_model(model_b, weights_b, model_args_b, device, seed=seed)
-    if tuple(a.input_shape or ()) != tuple(b.input_shape or ()) and a.input_shape and b.input_shape:
+    if a.input_shape and b.input_shape and tuple(a.input_shape) != tuple(b.input_shape):
         raise UsageError(f"the two models take different inputs ({'x'.join(map(str, a.input_shape))} and "
                          f"{'x'.join(map(str, b.input_shape))}): compare models on the same inputs")
     dataset = open_cli_data(data, split, a, limit=examples, seed=seed)
-    open_cli_data(data, split, b, limit=4, seed=seed)  # B must take the same images
+    check_data_fits(dataset, b, data)  # B must take the same images
     map_a, map_b = discover_layers(a.module, a.input_shape), discover_layers(b.module, b.input_shape)
-    names_a = _split_list(layers_a) or default_layers(map_a)
-    names_b = _split_list(layers_b) or default_layers(map_b)
+    names_a = comma_list(layers_a) or default_layers(map_a)
+    names_b = comma_list(layers_b) or default_layers(map_b)
     names_a = [map_a.resolve(n).name for n in names_a]
     names_b = [map_b.resolve(n).name for n in names_b]
     found_a = found_b = None

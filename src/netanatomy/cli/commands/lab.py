@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from ..boundary import check_data_fits
-from ..options import check_output, device_option, emit, json_option, load_cli_model
+from ..options import check_output, comma_list, device_option, emit, json_option, load_cli_model
 
 
 @click.group("lab")
@@ -162,7 +162,7 @@ def _branches_human(doc: dict) -> str:
 
 
 def _names(text: str, option: str) -> tuple[str, ...]:
-    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    names = tuple(comma_list(text))
     if not names:
         raise click.BadParameter("give at least one name", param_hint=option)
     return names
