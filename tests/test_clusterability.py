@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from netanatomy.core.clusterability import clusterability, shuffle_seed, shuffled_graph
+from netanatomy.core.clusterability import clusterability, shuffle_key, shuffle_seed, shuffled_graph
 from netanatomy.core.graphs import chain_network
 from netanatomy.core.shuffle import shuffle_weight, shuffle_weights
 from netanatomy.errors import UsageError
+from netanatomy.scale import TaskStore
 from planted import block_diagonal_weights
 
 
@@ -50,7 +51,7 @@ def test_layer_nonzero_shuffle_on_pruned_planted_network():
     assert result.shuffle.p == pytest.approx(1 / 20)
 
 
-def test_same_seed_same_numbers_and_resume():
+def test_same_seed_same_numbers_and_resume(tmp_path):
     net = iid_network(seed=3)
     a = clusterability(net, 3, n_shuffles=6, seed=11)
     b = clusterability(net, 3, n_shuffles=6, seed=11)
@@ -59,12 +60,18 @@ def test_same_seed_same_numbers_and_resume():
     assert a.shuffle.p == b.shuffle.p and a.shuffle.z == b.shuffle.z
     c = clusterability(net, 3, n_shuffles=6, seed=12)
     assert not np.array_equal(a.shuffle.ncuts, c.shuffle.ncuts)
-    # resume: the first shuffles given, the rest computed, same numbers; on_result sees only new ones
+    # resume: the first shuffles stored, the rest computed, same numbers; on_result sees every one
+    store = TaskStore(tmp_path / "tasks", {"run": "a"})
+    for i in range(4):
+        store.put(shuffle_key(i), {"ncut": np.asarray(a.shuffle.ncuts[i])})
     seen = []
-    resumed = clusterability(net, 3, n_shuffles=6, seed=11, done=list(a.shuffle.ncuts[:4]),
-                             on_result=lambda i, v: seen.append(i))
+    resumed = clusterability(net, 3, n_shuffles=6, seed=11, store=store, on_result=lambda i, v: seen.append(i))
     np.testing.assert_array_equal(resumed.shuffle.ncuts, a.shuffle.ncuts)
-    assert seen == [4, 5]
+    assert sorted(seen) == [0, 1, 2, 3, 4, 5] and store.done() == 6
+    # a stored value is used as it is (it is not recomputed)
+    store.put(shuffle_key(0), {"ncut": np.asarray(a.shuffle.ncuts[0] + 1.0)})
+    planted = clusterability(net, 3, n_shuffles=6, seed=11, store=store)
+    assert planted.shuffle.ncuts[0] == a.shuffle.ncuts[0] + 1.0
 
 
 def test_shuffles_keep_each_layers_weights():

@@ -196,7 +196,7 @@ def test_cli_clusters_then_importance(tmp_path):
     doc = json.loads(out.read_text())
     assert {"k", "ncut", "shuffle", "clusters"} <= set(doc)
     assert set(doc["shuffle"]) == {"method", "n", "mean", "std", "z", "p"} and doc["shuffle"]["n"] == 2
-    assert not (tmp_path / "clusters.json.shuffles.json").exists()
+    assert not (tmp_path / "clusters.json.tasks").exists()
     units = [u for c in doc["clusters"] for u in c["units"]]
     assert len(units) == 784 + 4 * 256 + 10 and set(units[0]) == {"layer", "index"}
     report = tmp_path / "importance.json"
@@ -215,29 +215,35 @@ def test_cli_clusters_resumes_from_checkpoint(tmp_path, capsys):
     args = ["clusters", "zoo:mlp-fmnist", "--k", "4", "--shuffles", "2", "--seed", "2", "--json"]
     assert run(args) == 0
     full = json.loads(capsys.readouterr().out)
-    # a run that stopped after the first shuffle left this checkpoint
-    config = {"model": "zoo:mlp-fmnist", "weights": None, "model_args": [], "graph": "weights", "data": None, "k": 4,
-              "method": "layer", "seed": 2, "n_init": 25, "examples": 5000, "layers": None}
-    from netanatomy.core.clusterability import shuffle_seed, shuffled_graph
+    # a run that stopped after the first shuffle left its n-cut in c.json.tasks/
+    from netanatomy.core.clusterability import shuffle_key, shuffle_seed, shuffled_graph
     from netanatomy.core.spectral import spectral_clustering
     from netanatomy.models import load_model
+    from netanatomy.scale import TaskStore
     from netanatomy.specialization.clusters import layer_display_names
     from netanatomy.specialization.extract import weight_network
 
+    config = {"task": "clusters shuffle", "model": "zoo:mlp-fmnist", "weights": None, "model_args": [],
+              "input_shape": [1, 28, 28], "graph": "weights", "data": None, "k": 4, "method": "layer", "seed": 2,
+              "n_init": 25, "examples": 5000, "layers": None}
     loaded = load_model("zoo:mlp-fmnist")
     net = weight_network(loaded.module, loaded.input_shape,
                          layer_names=layer_display_names(discover_layers(loaded.module, loaded.input_shape))).network
     first = spectral_clustering(shuffled_graph(net, "layer", shuffle_seed(2, 0)), 4, seed=2).ncut
-    (tmp_path / "c.json.shuffles.json").write_text(json.dumps({"config": config, "ncuts": [first]}))
+    TaskStore(tmp_path / "c.json.tasks", config).put(shuffle_key(0), {"ncut": np.asarray(first)})
     assert run(args + ["--out", str(out)]) == 0
     resumed = json.loads(capsys.readouterr().out)
     assert resumed["shuffle"] == full["shuffle"]
-    assert not (tmp_path / "c.json.shuffles.json").exists()
+    assert not (tmp_path / "c.json.tasks").exists()
     # the checkpoint is really read: a planted value shows up in the mean
-    (tmp_path / "c.json.shuffles.json").write_text(json.dumps({"config": config, "ncuts": [first + 3.0]}))
+    TaskStore(tmp_path / "c.json.tasks", config).put(shuffle_key(0), {"ncut": np.asarray(first + 3.0)})
     assert run(args + ["--out", str(out)]) == 0
     planted = json.loads(capsys.readouterr().out)
     assert planted["shuffle"]["mean"] == pytest.approx(full["shuffle"]["mean"] + 1.5)
+    # a store made for other settings is not read
+    TaskStore(tmp_path / "c.json.tasks", {**config, "k": 5}).put(shuffle_key(0), {"ncut": np.asarray(first + 3.0)})
+    assert run(args + ["--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["shuffle"] == full["shuffle"]
 
 
 @pytest.mark.parametrize("method,exact", [("auto", False), ("fx", True), ("hook", False)])

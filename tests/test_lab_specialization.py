@@ -60,7 +60,7 @@ def test_quick_lab_runs_resumes_and_recomputes_what_changed(tmp_path, capsys):
     for name in ("results.json", "results.md", "seed_0/model.pt", "seed_0/renders.png",
                  *(f"seed_0/{s}.json" for s in STAGES)):
         assert (out / name).is_file(), name
-    assert not (out / "seed_0/clusters.shuffles.json").exists()  # the shuffle checkpoint is gone once done
+    assert not (out / "seed_0/clusters.tasks").exists()  # the shuffle checkpoint is gone once done
     assert json.loads((out / "results.json").read_text())["rows"] == doc["rows"]
     assert "| anchor |" in (out / "results.md").read_text()
     mtimes = {s: (out / f"seed_0/{s}.json").stat().st_mtime_ns for s in STAGES}
@@ -78,14 +78,18 @@ def test_quick_lab_runs_resumes_and_recomputes_what_changed(tmp_path, capsys):
     assert fresh["rows"][0]["reused"] == {s: False for s in STAGES}
     assert numbers(fresh["rows"][0]) == numbers(changed["rows"][0])
 
-    # an interrupted shuffle run resumes from its checkpoint: plant 5 done n-cuts, ask for 6
+    # an interrupted shuffle run resumes from its finished shuffles: plant 5 done n-cuts, ask for 6
+    from netanatomy.core.clusterability import shuffle_key
+    from netanatomy.scale import TaskStore
+
     settings = json.loads((out / "seed_0/clusters.json").read_text())["settings"]
-    sidecar = {"settings": {**settings, "shuffles": 6}, "ncuts": [100.0] * 5}
-    (out / "seed_0/clusters.shuffles.json").write_text(json.dumps(sidecar))
+    store = TaskStore(out / "seed_0/clusters.tasks", {k: v for k, v in settings.items() if k != "shuffles"})
+    for i in range(5):
+        store.put(shuffle_key(i), {"ncut": np.asarray(100.0)})
     resumed = lab(capsys, "--out", str(out), "--shuffles", "6")
     ncuts = json.loads((out / "seed_0/clusters.json").read_text())["result"]["ncuts"]
     assert ncuts[:5] == [100.0] * 5 and ncuts[5] < 100 and resumed["rows"][0]["shuffles"] == 6
-    assert not (out / "seed_0/clusters.shuffles.json").exists()
+    assert not (out / "seed_0/clusters.tasks").exists()
 
 
 @pytest.mark.parametrize("args", [["--seeds", "a,b"], ["--seeds", "0,0"], ["--k", "1"], ["--epochs", "0"],

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -11,7 +12,7 @@ from ..util.io import dumps
 from .boundary import check_output, load_cli_model, open_cli_data, parse_shape, read_cli_clusters
 
 __all__ = ["check_output", "comma_list", "device_option", "emit", "input_shape_option", "json_option", "load_cli_model",
-           "model_argument", "open_cli_data", "parse_shape", "parse_units", "read_cli_clusters", "seed_option"]
+           "model_argument", "open_cli_data", "parse_shape", "parse_units", "ray_option", "cli_runner", "read_cli_clusters", "seed_option"]
 
 
 def json_option(f: Callable) -> Callable:
@@ -21,6 +22,40 @@ def json_option(f: Callable) -> Callable:
 def device_option(f: Callable) -> Callable:
     return click.option("--device", default="cpu", show_default=True,
                         help="Torch device: cpu, cuda, cuda:N or auto.")(f)
+
+
+def ray_option(f: Callable) -> Callable:
+    """--ray [ADDRESS]: run the command's tasks on Ray (a local instance, or the cluster at ADDRESS)."""
+    return click.option("--ray", "ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                        callback=_check_ray,
+                        help="Run the tasks on Ray: bare, a local instance on every core; with an address "
+                             "(host:port, or auto inside a cluster job), that cluster's workers. Needs "
+                             "pip install 'netanatomy[ray]'.")(f)
+
+
+def _check_ray(ctx: Any, param: Any, value: str | None) -> str | None:
+    """At parse time, before any work: Ray is installed and the address answers."""
+    if value:
+        from ..scale.ray_backend import check_reachable, require_ray
+
+        require_ray()
+        if value != "local":
+            check_reachable(value)
+    return value
+
+
+@contextmanager
+def cli_runner(ray: str | None, device: Any = None, jobs: int = 1) -> Iterator[Any]:
+    """The runner the command line asked for, connected before any work and closed after it."""
+    from ..scale import make_runner
+
+    runner = make_runner(ray, device=device, jobs=jobs)
+    try:
+        yield runner
+    finally:
+        close = getattr(runner, "close", None)
+        if close is not None:
+            close()
 
 
 def seed_option(f: Callable) -> Callable:

@@ -5,18 +5,22 @@ within each layer (`shuffle.py`): p = (#{shuffled n-cut <= true} + 1) / (n + 1) 
 z = (true - mean) / std (population std). Low n-cut = more clusterable, so the test is
 left-tailed.
 
-Shuffle i depends only on (seed, i), so a long run can stop and resume from the n-cuts it has
-(`done`), and `on_result` lets the caller checkpoint and show progress.
+Shuffle i depends only on (seed, i): the shuffles are tasks (`scale.map_tasks`) that run here
+or on Ray workers in any order to the same numbers, and a `TaskStore` keeps each n-cut as it
+arrives so that a stopped run resumes (and a longer run re-uses a shorter one's shuffles).
+`on_result` is called with every n-cut, stored ones included, for progress.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from functools import partial
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import UsageError
+from ..scale import Runner, TaskStore, map_tasks
 from ..util.seeding import derive
 from .graphs import NeuronGraph, WeightNetwork
 from .shuffle import METHODS, shuffle_weights
@@ -65,33 +69,45 @@ def shuffle_seed(seed: int, index: int) -> int:
     return derive(seed, "shuffle", index)
 
 
+def _weight_shuffle(network: WeightNetwork, method: str, seed: int, i: int) -> NeuronGraph:
+    return shuffled_graph(network, method, shuffle_seed(seed, i))
+
+
 def shuffled_graph(network: WeightNetwork, method: str, seed: int) -> NeuronGraph:
     """The weight graph of `network` with every layer's weights shuffled."""
     weights = shuffle_weights([e.weight for e in network.edges], method, seed)
     return network.with_weights(weights).graph()
 
 
-def shuffled_ncuts(make_graph: Callable[[int], NeuronGraph], k: int, n: int, *, seed: int = 0, n_init: int = 25,
-                   done: Sequence[float] = (), on_result: Callable[[int, float], None] | None = None) -> np.ndarray:
-    """n-cuts of shuffled graphs 0..n-1, `make_graph(i)` giving graph i.
+def _shuffle_task(context: tuple[Callable[[int], NeuronGraph], int, int, int], i: int) -> dict[str, np.ndarray]:
+    make_graph, k, seed, n_init = context
+    return {"ncut": np.asarray(spectral_clustering(make_graph(i), k, seed=seed, n_init=n_init).ncut, np.float64)}
 
-    The first len(done) are taken as already computed (resume); `on_result(i, ncut)` is
-    called after each new one. Every graph is clustered with the same `seed`.
+
+def shuffle_key(i: int) -> str:
+    return f"shuffle-{i:06d}"
+
+
+def shuffled_ncuts(make_graph: Callable[[int], NeuronGraph], k: int, n: int, *, seed: int = 0, n_init: int = 25,
+                   runner: Runner | None = None, store: TaskStore | None = None,
+                   on_result: Callable[[int, float], None] | None = None) -> np.ndarray:
+    """n-cuts of shuffled graphs 0..n-1, `make_graph(i)` giving graph i, each clustered with `seed`.
+
+    The shuffles run on `runner` (default: here); with `store`, stored n-cuts are re-used and
+    new ones stored as they arrive. `on_result(i, ncut)` is called for each.
     """
     if n < 0:
         raise UsageError(f"number of shuffles must be >= 0, got {n}")
-    out = [float(v) for v in list(done)[:n]]
-    for i in range(len(out), n):
-        value = spectral_clustering(make_graph(i), k, seed=seed, n_init=n_init).ncut
-        out.append(value)
-        if on_result is not None:
-            on_result(i, value)
-    return np.asarray(out, dtype=np.float64)
+    report = None if on_result is None else (lambda i, r: on_result(i, float(r["ncut"])))
+    results = map_tasks(_shuffle_task, list(range(n)), context=(make_graph, k, seed, n_init), runner=runner,
+                        store=store, key=shuffle_key, on_result=report)
+    return np.asarray([float(r["ncut"]) for r in results], dtype=np.float64)
 
 
 def clusterability(network: WeightNetwork | NeuronGraph, k: int, *, n_shuffles: int = 50, method: str = "layer",
                    seed: int = 0, n_init: int = 25, make_shuffled: Callable[[int], NeuronGraph] | None = None,
-                   done: Sequence[float] = (), on_result: Callable[[int, float], None] | None = None) -> Clusterability:
+                   runner: Runner | None = None, store: TaskStore | None = None,
+                   on_result: Callable[[int, float], None] | None = None) -> Clusterability:
     """Cluster the true graph and test its n-cut against `n_shuffles` shuffled networks.
 
     `network` is a WeightNetwork (its shuffles are made here) or a ready graph together with
@@ -102,13 +118,12 @@ def clusterability(network: WeightNetwork | NeuronGraph, k: int, *, n_shuffles: 
     if isinstance(network, WeightNetwork):
         graph = network.graph()
         if make_shuffled is None:
-            def make_shuffled(i: int) -> NeuronGraph:
-                return shuffled_graph(network, method, shuffle_seed(seed, i))
+            make_shuffled = partial(_weight_shuffle, network, method, seed)
     else:
         graph = network
         if make_shuffled is None and n_shuffles > 0:
             raise UsageError("shuffling a bare graph needs make_shuffled (the weights are not known)")
     clustering = spectral_clustering(graph, k, seed=seed, n_init=n_init)
-    ncuts = shuffled_ncuts(make_shuffled, k, n_shuffles, seed=seed, n_init=n_init, done=done,
+    ncuts = shuffled_ncuts(make_shuffled, k, n_shuffles, seed=seed, n_init=n_init, runner=runner, store=store,
                            on_result=on_result) if n_shuffles else np.zeros(0)
     return Clusterability(clustering, ShuffleTest(method, ncuts, clustering.ncut))

@@ -9,8 +9,8 @@ same-size sets (importance) and score its coherence (dataset, correlation and
 feature-visualization based), with Benjamini-Hochberg q-values and Fisher-combined p-values.
 
 Everything lands in OUT/seed_N/: `model.pt` (checkpointed every epoch by the training loop,
-so an interrupted run resumes mid-training), `clusters.shuffles.json` (the shuffled n-cuts so
-far) and one JSON per completed stage (`train`, `clusters`, `importance`, `coherence`), re-used
+so an interrupted run resumes mid-training), `clusters.tasks/` (the shuffled n-cuts so far,
+one file each) and one JSON per completed stage (`train`, `clusters`, `importance`, `coherence`), re-used
 on the next run when its settings, and those of the stages it builds on, are unchanged
 (`netanatomy.labs.stages`). The results table is OUT/results.json and OUT/results.md, one row
 per seed beside the published anchor.
@@ -176,48 +176,36 @@ def _train_stage(run: SeedRun, settings: LabSettings, data: LabData, device: tor
 
 
 def _cluster_stage(run: SeedRun, settings: LabSettings, module, layer_map, show: bool,
-                   log: Callable[[str], None]) -> StageResult:
+                   log: Callable[[str], None], runner=None) -> StageResult:
     from ..specialization.clusters import cluster_model
 
     stage_settings = {"after": run.stages["train"].key, "graph": "weights", "k": settings.k,
                       "shuffles": settings.shuffles, "method": "layer", "n_init": settings.n_init, "seed": run.seed}
-    sidecar = run.folder / "clusters.shuffles.json"
+    store_folder = run.folder / "clusters.tasks"
 
     def compute() -> dict[str, Any]:
-        done = _resume_shuffles(sidecar, stage_settings)
+        from ..scale import TaskStore
+
+        # a shuffle's n-cut does not depend on how many there are: a longer run re-uses a shorter one's
+        store = TaskStore(store_folder, {k: v for k, v in stage_settings.items() if k != "shuffles"})
+        done = store.done()
         log(f"seed {run.seed}: clustering (k={settings.k}) and {settings.shuffles} shuffled networks"
-            + (f", {len(done)} done before" if done else ""))
-        ncuts = list(done)
-        bar = progress(total=settings.shuffles, initial=min(len(done), settings.shuffles), desc="shuffles",
-                       unit="net", disable=None if show else True)
-
-        def on_result(i: int, value: float) -> None:
-            ncuts.append(value)
-            bar.update(1)
-            write_json(sidecar, {"settings": stage_settings, "ncuts": ncuts})
-
+            + (f", {done} done before" if done else ""))
+        bar = progress(total=settings.shuffles, desc="shuffles", unit="net", disable=None if show else True)
         try:
             result = cluster_model(module, layer_map, graph="weights", k=settings.k, n_shuffles=settings.shuffles,
-                                   method="layer", seed=run.seed, n_init=settings.n_init, done=done,
-                                   on_result=on_result)
+                                   method="layer", seed=run.seed, n_init=settings.n_init, runner=runner,
+                                   store=store, on_result=lambda i, v: bar.update(1))
         finally:
             bar.close()
         return {**result.to_json(), "ncuts": result.result.shuffle.ncuts}
 
     stage = run_stage(run.folder, "clusters", stage_settings, compute)
-    sidecar.unlink(missing_ok=True)
+    if store_folder.is_dir():
+        import shutil
+
+        shutil.rmtree(store_folder)
     return stage
-
-
-def _plain(obj: Any) -> Any:
-    return json.loads(json.dumps(obj))
-
-
-def _resume_shuffles(sidecar: Path, stage_settings: dict[str, Any]) -> list[float]:
-    state = read_json(sidecar)
-    if not isinstance(state, dict) or state.get("settings") != _plain(stage_settings):
-        return []
-    return [float(v) for v in state.get("ncuts", [])]
 
 
 def _importance_stage(run: SeedRun, settings: LabSettings, data: LabData, module, layer_map, clusters,
@@ -288,16 +276,46 @@ def record_data_used(settings: LabSettings, data: LabData, command: str | None) 
     return replace(settings, data=data.spec), command
 
 
-def run_specialization(out: str | Path, settings: LabSettings = FULL, *, device: str | torch.device = "cpu",
-                       show_progress: bool = True, log: Callable[[str], None] | None = None,
-                       command: str | None = None) -> dict[str, Any]:
-    """Run (or resume) the lab into `out` and return the results document (also written there).
-
-    `command` is the command line to record in the results (the CLI passes its spelled-out form).
-    """
+def _seed_task(context: tuple[Path, LabSettings, LabData, Any, bool, Callable[[str], None]], seed: int
+               ) -> dict[str, Any]:
+    """Every stage of one seed (re-using what is stored) and its table row."""
     from ..models import load_model
     from ..models.layers import discover_layers
     from ..specialization.subclusters import clusters_from_json
+    from ..util.devices import resolve_device
+
+    out, settings, data, device, show_progress, say = context
+    dev = resolve_device(device)
+    run = SeedRun(seed, out / f"seed_{seed}")
+    run.stages["train"] = _train_stage(run, settings, data, dev, show_progress, say)
+    loaded = load_model(MODEL, weights=str(run.folder / "model.pt"), device=dev)
+    module = loaded.module
+    layer_map = discover_layers(module, loaded.input_shape)
+    run.stages["clusters"] = _cluster_stage(run, settings, module, layer_map, show_progress, say)
+    clusters = clusters_from_json(run.stages["clusters"].result, f"seed {seed} clusters")
+    run.stages["importance"] = _importance_stage(run, settings, data, module, layer_map, clusters, dev, say)
+    run.stages["coherence"] = _coherence_stage(run, settings, data, module, layer_map, clusters, dev,
+                                               show_progress, say)
+    reused = [name for name, s in run.stages.items() if s.reused]
+    if reused:
+        say(f"seed {seed}: re-used {', '.join(reused)} from {run.folder}")
+    return seed_row(seed, run.stages)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def run_specialization(out: str | Path, settings: LabSettings = FULL, *, device: str | torch.device = "cpu",
+                       show_progress: bool = True, log: Callable[[str], None] | None = None,
+                       command: str | None = None, runner=None) -> dict[str, Any]:
+    """Run (or resume) the lab into `out` and return the results document (also written there).
+
+    `command` is the command line to record in the results (the CLI passes its spelled-out form).
+    Seeds are tasks on `runner` (default: here, one after the other); elsewhere (Ray) each seed
+    runs on one worker and writes its stages into `out`, which the workers must share.
+    """
+    from ..scale import InProcess, map_tasks
     from ..util.devices import resolve_device
 
     settings = settings.checked()
@@ -310,22 +328,9 @@ def run_specialization(out: str | Path, settings: LabSettings = FULL, *, device:
     if data.note:
         say(data.note)
     settings, command = record_data_used(settings, data, command)
-    rows = []
-    for seed in settings.seeds:
-        run = SeedRun(seed, out / f"seed_{seed}")
-        run.stages["train"] = _train_stage(run, settings, data, dev, show_progress, say)
-        loaded = load_model(MODEL, weights=str(run.folder / "model.pt"), device=dev)
-        module = loaded.module
-        layer_map = discover_layers(module, loaded.input_shape)
-        run.stages["clusters"] = _cluster_stage(run, settings, module, layer_map, show_progress, say)
-        clusters = clusters_from_json(run.stages["clusters"].result, f"seed {seed} clusters")
-        run.stages["importance"] = _importance_stage(run, settings, data, module, layer_map, clusters, dev, say)
-        run.stages["coherence"] = _coherence_stage(run, settings, data, module, layer_map, clusters, dev,
-                                                   show_progress, say)
-        reused = [name for name, s in run.stages.items() if s.reused]
-        if reused:
-            say(f"seed {seed}: re-used {', '.join(reused)} from {run.folder}")
-        rows.append(seed_row(seed, run.stages))
+    here = runner is None or isinstance(runner, InProcess)
+    context = (out, settings, data, str(dev), show_progress and here, say if here else _quiet)
+    rows = map_tasks(_seed_task, list(settings.seeds), context=context, runner=runner)
     doc = {
         "lab": "specialization",
         "command": command,

@@ -21,6 +21,7 @@ from ..core.graphs import NeuronGraph, activation_graph
 from ..core.shuffle import METHODS, shuffle_weight
 from ..errors import UsageError
 from ..models.layers import LayerMap
+from ..scale import Runner, TaskStore
 from ..util.seeding import derive
 from .extract import activation_values, weight_network
 from .importance import lesionable_layers
@@ -61,9 +62,12 @@ def layer_display_names(layer_map: LayerMap) -> dict[str, str]:
 def cluster_model(model: nn.Module, layer_map: LayerMap, *, graph: str = "weights", data=None, k: int = 12,
                   n_shuffles: int = 50, method: str = "layer", seed: int = 0, n_init: int = 25,
                   layers: Sequence[str] | None = None, max_examples: int = 5000,
-                  device: str | torch.device | None = None, done: Sequence[float] = (),
-                  on_result: Callable[[int, float], None] | None = None) -> ModelClusters:
-    """Cluster `model`'s units into k clusters and test clusterability against n shuffles."""
+                  device: str | torch.device | None = None, runner: Runner | None = None,
+                  store: TaskStore | None = None, on_result: Callable[[int, float], None] | None = None
+                  ) -> ModelClusters:
+    """Cluster `model`'s units into k clusters and test clusterability against n shuffles.
+
+    The shuffles are tasks on `runner` (here by default), kept in `store` when given."""
     if graph not in GRAPHS:
         raise UsageError(f"graph must be one of {', '.join(GRAPHS)}, not {graph!r}")
     if method not in METHODS:
@@ -71,25 +75,40 @@ def cluster_model(model: nn.Module, layer_map: LayerMap, *, graph: str = "weight
     if graph == "weights":
         extracted = weight_network(model, layer_map.input_shape, layer_names=layer_display_names(layer_map))
         result = clusterability(extracted.network, k, n_shuffles=n_shuffles, method=method, seed=seed, n_init=n_init,
-                                done=done, on_result=on_result)
+                                runner=runner, store=store, on_result=on_result)
         return ModelClusters(graph, extracted.network.graph(), result)
     if data is None:
         raise UsageError("the activation graph needs data (--data)")
     names = activation_layers(layer_map, layers)
 
-    def graph_of(m: nn.Module) -> NeuronGraph:
-        values, _ = activation_values(m, names, data, max_examples=max_examples, seed=seed, device=device,
-                                      input_shape=layer_map.input_shape, show_progress=False)
+    shuffles = ActivationShuffles(model, method, seed, names, data, max_examples, device, layer_map.input_shape)
+    true_graph = shuffles.graph_of(model)
+    result = clusterability(true_graph, k, n_shuffles=n_shuffles, method=method, seed=seed, n_init=n_init,
+                            make_shuffled=shuffles, runner=runner, store=store, on_result=on_result)
+    return ModelClusters(graph, true_graph, result)
+
+
+@dataclass
+class ActivationShuffles:
+    """Activation graph i of the shuffled models: the model with its weights shuffled under
+    (seed, i), run on the same seeded sample of the data (plain data, so it can go to workers)."""
+
+    model: nn.Module
+    method: str
+    seed: int
+    layers: list[str]
+    data: Any
+    max_examples: int
+    device: Any
+    input_shape: Any
+
+    def graph_of(self, model: nn.Module) -> NeuronGraph:
+        values, _ = activation_values(model, self.layers, self.data, max_examples=self.max_examples, seed=self.seed,
+                                      device=self.device, input_shape=self.input_shape, show_progress=False)
         return activation_graph(values)
 
-    true_graph = graph_of(model)
-
-    def make_shuffled(i: int) -> NeuronGraph:
-        return graph_of(shuffled_model(model, method, derive(seed, "shuffle", i)))
-
-    result = clusterability(true_graph, k, n_shuffles=n_shuffles, method=method, seed=seed, n_init=n_init,
-                            make_shuffled=make_shuffled, done=done, on_result=on_result)
-    return ModelClusters(graph, true_graph, result)
+    def __call__(self, i: int) -> NeuronGraph:
+        return self.graph_of(shuffled_model(self.model, self.method, derive(self.seed, "shuffle", i)))
 
 
 def activation_layers(layer_map: LayerMap, layers: Sequence[str] | None = None) -> list[str]:

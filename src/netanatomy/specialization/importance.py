@@ -33,6 +33,7 @@ from torch import nn
 from ..core.stats import benjamini_hochberg, fisher_combine, percentile_pvalue, zscore
 from ..errors import UsageError
 from ..models.layers import LayerMap
+from ..scale import Runner, TaskStore, map_tasks
 from .lesion import LesionEvaluator
 from .subclusters import Cluster, SubCluster, keep_masks, random_sets, sub_clusters
 
@@ -147,6 +148,13 @@ def with_q_values(tests: list[LesionTest]) -> list[LesionTest]:
 # Driver
 
 
+# The lesions of a layer run as tasks of this many masks. The split depends on the sizes only,
+# never on the runner, so the counts (and the float64 checks behind them) are the same here and
+# on any number of Ray workers.
+TASK_MASKS = 1024
+_COUNTERS = ("refined_rows", "checked_rows", "disagreements", "recomputed_batches")
+
+
 def lesionable_layers(layer_map: LayerMap) -> dict[str, int]:
     """Layers whose units can be silenced, name -> units: conv and linear layers but the last
     (the logits). Concatenations and residual sums are left out (their units are other layers')."""
@@ -157,14 +165,17 @@ def lesionable_layers(layer_map: LayerMap) -> dict[str, int]:
 def importance(model: nn.Module, layer_map: LayerMap, clusters: Sequence[Cluster], x: torch.Tensor, y: torch.Tensor,
                *, n_random: int = 99, seed: int = 0, num_classes: int | None = None, batch_size: int = 1000,
                device: str | torch.device | None = None, exact: bool = False,
-               on_layer: Callable[[str], None] | None = None, precision: str = "auto") -> ImportanceResult:
+               on_layer: Callable[[str], None] | None = None, precision: str = "auto",
+               runner: Runner | None = None, store: TaskStore | None = None,
+               task_masks: int = TASK_MASKS) -> ImportanceResult:
     """Lesion every sub-cluster of `clusters` and R random same-size sets; see the module docstring.
 
     `precision`: "auto", "certified" or "sampled", how float32 counts are made float64's (see
     `LesionEvaluator`).
 
-    All of one layer's lesions (sub-clusters and their random sets) run as one batch of masks
-    on a model split at that layer.
+    A layer's lesions (sub-clusters and their random sets) run as batches of masks on a model
+    split at that layer, `task_masks` masks per task; the tasks run on `runner` (here by
+    default) and are kept in `store` when given, so a stopped run resumes.
     """
     if n_random < 1:
         raise UsageError(f"need at least 1 random set per sub-cluster, got {n_random}")
@@ -179,28 +190,88 @@ def importance(model: nn.Module, layer_map: LayerMap, clusters: Sequence[Cluster
                          f"(lesionable layers: {', '.join(layers)})")
     totals = torch.bincount(y, minlength=num_classes).numpy()
     base = _base_counts(model, x, y, num_classes, batch_size, device)
+    order = list(dict.fromkeys(s.layer for s in subs))
+    masks = {}
+    for layer_name in order:
+        masks[layer_name] = np.concatenate([block for s in subs if s.layer == layer_name
+                                            for block in (s.mask()[None, :], keep_masks(random_sets(s, n_random, seed),
+                                                                                         s.layer_units))])
+    context = LesionContext(model, {name: layer_map.resolve(name) for name in order}, x, y, num_classes, batch_size,
+                            device, exact, seed, precision, masks)
+    items = [(name, start, min(start + task_masks, len(masks[name])))
+             for name in order for start in range(0, len(masks[name]), task_masks)]
+    left = {name: sum(1 for item in items if item[0] == name) for name in order}
+
+    def arrived(item: tuple[str, int, int], result: dict[str, Any]) -> None:
+        left[item[0]] -= 1
+        if on_layer is not None and left[item[0]] == 0:
+            on_layer(item[0])
+
+    results = map_tasks(_lesion_task, items, context=context, runner=runner, store=store,
+                        key=lambda item: f"lesions-{item[0]}-{item[1]}", on_result=arrived)
     tests, methods, precisions = [], {}, {}
-    for layer_name in dict.fromkeys(s.layer for s in subs):
+    for layer_name in order:
+        parts = [r for item, r in zip(items, results) if item[0] == layer_name]
+        counts = np.concatenate([r["counts"] for r in parts])
+        methods[layer_name] = parts[0]["method"]
+        precisions[layer_name] = merged_precision(parts)
         group = [s for s in subs if s.layer == layer_name]
-        layer = layer_map.resolve(layer_name)
-        masks = []
-        for s in group:
-            masks.append(s.mask()[None, :])
-            masks.append(keep_masks(random_sets(s, n_random, seed), s.layer_units))
-        evaluator = LesionEvaluator(model, layer, x, y, num_classes=num_classes, batch_size=batch_size,
-                                    device=device, exact=exact, refine=True, check_seed=seed,
-                                    precision=precision)
-        methods[layer_name] = evaluator.method
-        counts = evaluator.correct(torch.from_numpy(np.concatenate(masks))).numpy()
-        precisions[layer_name] = {**evaluator.precision, "fallback_reason": evaluator.fallback_reason}
         for i, s in enumerate(group):
             block = counts[i * (n_random + 1):(i + 1) * (n_random + 1)]
             tests.append(lesion_test(s, base, totals, block[0], block[1:]))
-        if on_layer is not None:
-            on_layer(layer_name)
     acc_c = base / np.maximum(totals, 1)
     return ImportanceResult(float(base.sum() / totals.sum()), acc_c, n_random, seed, with_q_values(tests), methods,
                             precisions)
+
+
+@dataclass
+class LesionContext:
+    """What every lesion task shares: the model, the data and every layer's masks."""
+
+    model: nn.Module
+    layers: dict[str, Any]
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int
+    batch_size: int
+    device: Any
+    exact: bool
+    seed: int
+    precision: str
+    masks: dict[str, np.ndarray]
+
+    def evaluator(self, layer_name: str) -> LesionEvaluator:
+        """The layer's evaluator, kept while tasks of the same layer follow (one at a time: its
+        prefix activations are the size of the data)."""
+        cached = self.__dict__.get("_evaluator")
+        if cached is None or cached[0] != layer_name:
+            evaluator = LesionEvaluator(self.model, self.layers[layer_name], self.x, self.y,
+                                        num_classes=self.num_classes, batch_size=self.batch_size, device=self.device,
+                                        exact=self.exact, refine=True, check_seed=self.seed, precision=self.precision)
+            self.__dict__["_evaluator"] = cached = (layer_name, evaluator)
+        return cached[1]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_evaluator"}
+
+
+def _lesion_task(context: LesionContext, item: tuple[str, int, int]) -> dict[str, Any]:
+    """Correct counts of masks [start, stop) of a layer, and how they were made exact."""
+    layer_name, start, stop = item
+    evaluator = context.evaluator(layer_name)
+    before = evaluator.precision
+    counts = evaluator.correct(torch.from_numpy(context.masks[layer_name][start:stop])).numpy()
+    after = evaluator.precision
+    return {"counts": counts, "method": evaluator.method, "fallback_reason": evaluator.fallback_reason,
+            "mode": after["mode"], "reason": after["reason"], **{k: after[k] - before[k] for k in _COUNTERS}}
+
+
+def merged_precision(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One layer's precision record from its tasks': counters summed, the last mode (a
+    certified evaluator may switch to sampled on its first batch)."""
+    last = parts[-1]
+    return {"mode": last["mode"], "reason": last["reason"], **{k: int(sum(p[k] for p in parts)) for k in _COUNTERS},
+            "fallback_reason": last["fallback_reason"]}
 
 
 def _base_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int,

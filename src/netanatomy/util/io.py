@@ -1,6 +1,8 @@
 """Atomic writes: a result file is either complete or absent, never half-written."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
@@ -165,3 +167,18 @@ def file_stem(name: str) -> str:
     import re
 
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "layer"
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The file's sha256 (hex), cached while its size and modification time stay the same."""
+    stat = os.stat(path)
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)

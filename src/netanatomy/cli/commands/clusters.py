@@ -1,9 +1,6 @@
 """`netanatomy clusters MODEL --k K --shuffles S`: spectral clusters and clusterability."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import click
 
 from ..options import (
@@ -15,6 +12,8 @@ from ..options import (
     load_cli_model,
     model_argument,
     open_cli_data,
+    cli_runner,
+    ray_option,
     seed_option,
 )
 
@@ -35,18 +34,21 @@ from ..options import (
               help="Activation graph: examples kept (a seeded sample).")
 @click.option("--layers", default=None, metavar="A,B,...", help="Activation graph: layers (default: all hidden).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Also write the result here (for `importance` and `coherence`); shuffles checkpoint beside it.")
-@click.option("--restart", is_flag=True, help="Ignore a shuffle checkpoint beside --out.")
+              help="Also write the result here (for `importance` and `coherence`); finished shuffles are kept in "
+                   "OUT.tasks/ until it is written, so a stopped run resumes.")
+@click.option("--restart", is_flag=True, help="Ignore the finished shuffles kept beside --out.")
 @seed_option
 @device_option
+@ray_option
 @json_option
 def command(model, weights, model_args, input_shape, graph_kind, data, k, shuffles, shuffle_method, n_init, examples,
-            layers, out, restart, seed, device, as_json) -> None:
+            layers, out, restart, seed, device, ray, as_json) -> None:
     """Cluster MODEL's units (spectral clustering of a neuron graph) and test clusterability:
     the n-cut against networks with each layer's weights shuffled (p and z)."""
     from ...errors import UsageError
     from ...models.layers import discover_layers
     from ...specialization.clusters import activation_graph_bytes, activation_layers, cluster_model
+    from ...scale import TaskStore
     from ...util.io import write_json
     from ...util.progress import progress
     from ..boundary import check_memory
@@ -68,24 +70,18 @@ def command(model, weights, model_args, input_shape, graph_kind, data, k, shuffl
                      f"the activation graph of {units} units over {min(examples, len(dataset))} examples",
                      "choose fewer layers with --layers A,B or fewer examples with --examples N")
 
-    config = {"model": model, "weights": weights, "model_args": list(model_args), "graph": graph_kind, "data": data,
-              "k": k, "method": shuffle_method, "seed": seed, "n_init": n_init, "examples": examples,
-              "layers": layer_names}
-    sidecar = Path(out + ".shuffles.json") if out else None
-    done = _resume(sidecar, config) if sidecar is not None and not restart else []
-    bar = progress(total=shuffles, desc="shuffles", unit="net", initial=min(len(done), shuffles))
-    ncuts = list(done)
-
-    def on_result(i: int, value: float) -> None:
-        ncuts.append(value)
-        bar.update(1)
-        if sidecar is not None:
-            write_json(sidecar, {"config": config, "ncuts": ncuts})
-
+    # what one shuffle's n-cut depends on (not the number of shuffles: a longer run re-uses a shorter one's)
+    config = {"task": "clusters shuffle", "model": model, "weights": weights, "model_args": list(model_args),
+              "input_shape": list(loaded.input_shape or ()), "graph": graph_kind, "data": data, "k": k,
+              "method": shuffle_method, "seed": seed, "n_init": n_init, "examples": examples, "layers": layer_names}
+    store = TaskStore(out + ".tasks", config, restart=restart) if out else None
+    bar = progress(total=shuffles, desc="shuffles", unit="net")
     try:
-        result = cluster_model(loaded.module, layer_map, graph=graph_kind, data=dataset, k=k, n_shuffles=shuffles,
-                               method=shuffle_method, seed=seed, n_init=n_init, layers=layer_names,
-                               max_examples=examples, device=device, done=done, on_result=on_result)
+        with cli_runner(ray, device) as runner:
+            result = cluster_model(loaded.module, layer_map, graph=graph_kind, data=dataset, k=k, n_shuffles=shuffles,
+                                   method=shuffle_method, seed=seed, n_init=n_init, layers=layer_names,
+                                   max_examples=examples, device=device, runner=runner, store=store,
+                                   on_result=lambda i, v: bar.update(1))
     finally:
         bar.close()
     widths = {}
@@ -99,21 +95,9 @@ def command(model, weights, model_args, input_shape, graph_kind, data, k, shuffl
            "widths": widths, "seed": seed, "n_init": n_init}
     if out:
         write_json(out, doc)
-        if sidecar is not None:
-            sidecar.unlink(missing_ok=True)
+        if store is not None:
+            store.clear()
     emit(doc, as_json, _human)
-
-
-def _resume(sidecar: Path, config: dict) -> list[float]:
-    if not sidecar.is_file():
-        return []
-    try:
-        state = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return []
-    if state.get("config") != config:
-        return []
-    return [float(v) for v in state.get("ncuts", [])]
 
 
 def _human(doc: dict) -> str:

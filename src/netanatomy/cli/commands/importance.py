@@ -13,6 +13,8 @@ from ..options import (
     model_argument,
     open_cli_data,
     read_cli_clusters,
+    cli_runner,
+    ray_option,
     seed_option,
 )
 
@@ -28,17 +30,22 @@ from ..options import (
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N test examples.")
 @click.option("--batch-size", type=click.IntRange(1), default=1000, show_default=True)
 @click.option("--exact", is_flag=True, help="Run lesions as masked forwards only (no low-rank update).")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON result here.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the JSON result here; finished lesion tasks are kept in OUT.tasks/ until it is "
+                   "written, so a stopped run resumes.")
+@click.option("--restart", is_flag=True, help="Ignore the finished lesion tasks kept beside --out.")
 @seed_option
 @device_option
+@ray_option
 @json_option
 def command(model, weights, model_args, input_shape, clusters_file, data, n_random, limit, batch_size, exact, out,
-            seed, device, as_json) -> None:
+            restart, seed, device, ray, as_json) -> None:
     """Silence each sub-cluster (a cluster's units in one layer) and R random same-size sets of its
     layer; report the accuracy drop, class specificity and effect factor with p, q and Fisher."""
     from ...models.layers import discover_layers
-    from ...specialization.importance import importance
-    from ...util.io import write_json
+    from ...scale import TaskStore
+    from ...specialization.importance import TASK_MASKS, importance
+    from ...util.io import sha256_of, write_json
     from ...util.progress import progress
 
     check_output(out)
@@ -47,17 +54,25 @@ def command(model, weights, model_args, input_shape, clusters_file, data, n_rand
     layer_map = discover_layers(loaded.module, loaded.input_shape)
     clusters = read_cli_clusters(clusters_file, loaded, layer_map)
     x, y = ds.tensors()
+    # everything a lesion task's counts depend on
+    config = {"task": "importance lesions", "model": model, "weights": weights, "model_args": list(model_args),
+              "input_shape": list(loaded.input_shape or ()), "clusters": sha256_of(clusters_file), "data": data,
+              "limit": limit, "random": n_random, "seed": seed, "batch_size": batch_size, "exact": exact,
+              "task_masks": TASK_MASKS}
+    store = TaskStore(out + ".tasks", config, restart=restart) if out else None
     bar = progress(desc="lesions", unit="layer")
     try:
-        result = importance(loaded.module, layer_map, clusters, x, y, n_random=n_random, seed=seed,
-                            num_classes=loaded.num_classes, batch_size=batch_size, device=device, exact=exact,
-                            on_layer=lambda _: bar.update(1))
+        with cli_runner(ray, device) as runner:
+            result = importance(loaded.module, layer_map, clusters, x, y, n_random=n_random, seed=seed,
+                                num_classes=loaded.num_classes, batch_size=batch_size, device=device, exact=exact,
+                                on_layer=lambda _: bar.update(1), runner=runner, store=store)
     finally:
         bar.close()
     doc = {"model": loaded.source, "data": data, "examples": int(x.shape[0]), **result.to_json()}
     doc["class_names"] = _class_names(loaded, ds, len(doc["class_accuracy"]))
     if out:
         write_json(out, doc)
+        store.clear()
     emit(doc, as_json, _human)
 
 

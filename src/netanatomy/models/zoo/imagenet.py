@@ -22,7 +22,6 @@ trained model carries them as `netanatomy_class_names` (the first name of each s
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 import importlib.resources
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 from torch import nn
 
 from ...errors import UsageError
+from ...util.io import sha256_of
 from ..weights import apply_state_dict, read_state_dict
 from . import ZooEntry, register
 from .efficientnet_lite import EfficientNetLite0
@@ -129,19 +129,6 @@ def find_weights(spec: PackagedWeights, given: str | os.PathLike | None = None) 
     )
 
 
-@functools.lru_cache(maxsize=8)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """The file's sha256 (hex), cached while its size and modification time stay the same."""
-    stat = os.stat(path)
-    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def check_weights(spec: PackagedWeights, path: str | os.PathLike, given: bool = False) -> None:

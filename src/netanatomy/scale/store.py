@@ -1,0 +1,79 @@
+"""Task results on disk: one file per finished task, so a re-run redoes only the missing ones.
+
+A store is a folder with `config.json` (what the run computes: model, data, seeds, sizes) and
+one `KEY.npz` per finished task, written atomically by the process that collects the results.
+A store whose config differs from the run's is stale: its task files are removed before any
+is read, so a changed argument can never mix old and new results.
+
+A task's result is a dict of NumPy arrays and plain JSON values; arrays go in as arrays, the
+rest as one JSON string. Nothing is unpickled on reading (`allow_pickle=False`), so a store
+from elsewhere cannot run code.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..util.io import atomic_open, read_json, to_jsonable, write_json
+
+_JSON_KEY = "__json__"
+_SAFE = re.compile(r"[^A-Za-z0-9_.=-]")
+
+
+def _file_name(key: str) -> str:
+    safe = _SAFE.sub("_", key)
+    return f"{safe}.npz"
+
+
+class TaskStore:
+    """Finished task results of one run configuration (see the module docstring)."""
+
+    def __init__(self, folder: str | Path, config: dict[str, Any], *, restart: bool = False) -> None:
+        self.folder = Path(folder)
+        self.config = json.loads(json.dumps(to_jsonable(config)))  # as it reads back
+        stored = read_json(self.folder / "config.json") if self.folder.is_dir() else None
+        if restart or stored != self.config:
+            self.clear()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_json(self.folder / "config.json", self.config)
+
+    def clear(self) -> None:
+        """Remove the store (and every task file in it)."""
+        if self.folder.is_dir():
+            shutil.rmtree(self.folder)
+
+    def path(self, key: str) -> Path:
+        return self.folder / _file_name(key)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        """The stored result of task `key`, or None when it is not finished (or unreadable)."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                out: dict[str, Any] = {name: stored[name] for name in stored.files if name != _JSON_KEY}
+                if _JSON_KEY in stored.files:
+                    out.update(json.loads(str(stored[_JSON_KEY])))
+        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+            return None  # a damaged file counts as not done: the task runs again
+        return out
+
+    def put(self, key: str, result: dict[str, Any]) -> None:
+        """Write task `key`'s result atomically."""
+        arrays = {name: value for name, value in result.items() if isinstance(value, np.ndarray)}
+        plain = {name: value for name, value in result.items() if not isinstance(value, np.ndarray)}
+        if _JSON_KEY in arrays:
+            raise ValueError(f"{_JSON_KEY} is reserved")
+        if plain:
+            arrays[_JSON_KEY] = np.asarray(json.dumps(to_jsonable(plain)))
+        with atomic_open(self.path(key), "wb") as handle:
+            np.savez(handle, **arrays)
+
+    def done(self) -> int:
+        return sum(1 for _ in self.folder.glob("*.npz"))
