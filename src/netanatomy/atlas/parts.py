@@ -36,6 +36,7 @@ class SurveyContext:
     device: str
     steps: int
     param_size: int | None
+    runner: Any = None    # where the parts' tasks run (scale): here when None
 
     @property
     def module(self) -> torch.nn.Module:
@@ -284,7 +285,7 @@ def clusters_part(ctx: SurveyContext, k: int, shuffles: int) -> dict[str, Any]:
     from ..specialization.clusters import cluster_model
 
     result = cluster_model(ctx.module, ctx.layer_map, graph="weights", k=k, n_shuffles=shuffles, seed=ctx.seed,
-                           n_init=10)
+                           n_init=10, runner=ctx.runner)
     return result.to_json()
 
 
@@ -320,7 +321,7 @@ def importance_part(ctx: SurveyContext, clusters_doc: dict[str, Any], n_random: 
 
     x, y = ctx.dataset.tensors(list(range(min(len(ctx.dataset), LESION_EXAMPLES))))
     result = importance(ctx.module, ctx.layer_map, _clusters(clusters_doc), x, y, n_random=n_random, seed=ctx.seed,
-                        num_classes=ctx.loaded.num_classes, device=ctx.device)
+                        num_classes=ctx.loaded.num_classes, device=ctx.device, runner=ctx.runner)
     doc = result.to_json()
     for t, j in zip(result.tests, doc["sub_clusters"]):
         j["random_drops"] = [float(v) for v in t.random_drop]
@@ -449,16 +450,23 @@ def render_rate(ctx: SurveyContext, layers: Sequence[str], images: int = 64, ste
     return (time.perf_counter() - began) / (len(objectives) * steps)
 
 
+# Renders of a chunk of layers are optimized this many at a time, each batch one task (`scale`):
+# the same batches here and on Ray workers, so the same images.
+RENDER_TASK_IMAGES = 64
+
+
 def render_part(ctx: SurveyContext, layers: Sequence[str]) -> dict[str, Any]:
-    """Feature visualizations of every unit of `layers`, in one batched optimization (the forward
-    stops at the deepest of them; on a CPU the batch runs in cache-sized micro-batches)."""
+    """Feature visualizations of every unit of `layers`, in batches of RENDER_TASK_IMAGES (the
+    forward stops at the deepest layer of a batch; on a CPU a batch runs in cache-sized
+    micro-batches)."""
     from ..core.pictures import picture_grid
     from ..visualize import channel, render
 
     resolved = [ctx.layer_map.resolve(n) for n in layers]
     objectives = [channel(lay.name, u) for lay in resolved for u in range(lay.units)]
     rendering = render(ctx.module, objectives, steps=ctx.steps, seed=ctx.seed, device=ctx.device,
-                       show_progress=False, param_size=ctx.param_size)
+                       show_progress=False, param_size=ctx.param_size, batch_size=RENDER_TASK_IMAGES,
+                       runner=ctx.runner)
     images = rendering.images.permute(0, 2, 3, 1).numpy()
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
@@ -496,7 +504,7 @@ def diversity_units(ctx: SurveyContext, layers: Sequence[str]) -> list[tuple[str
 
 def diversity_part(ctx: SurveyContext, layers: Sequence[str]) -> dict[str, Any]:
     """Several different images that each excite a unit: its channel objective plus a Gram-matrix
-    diversity term shared by its copies (Lucid's recipe), all units in one batched optimization."""
+    diversity term shared by its copies (Lucid's recipe), a few units per batched optimization."""
     from ..visualize import channel, diversity, render
 
     pairs = diversity_units(ctx, layers)
@@ -506,8 +514,10 @@ def diversity_part(ctx: SurveyContext, layers: Sequence[str]) -> dict[str, Any]:
     for name, u in pairs:
         obj = channel(name, u) + DIVERSITY_WEIGHT * diversity(name, key=f"unit{u}")
         objectives += [obj] * DIVERSITY_COPIES
+    # whole groups per batch: the diversity term is over a unit's copies
+    per_batch = DIVERSITY_COPIES * max(1, RENDER_TASK_IMAGES // DIVERSITY_COPIES)
     rendering = render(ctx.module, objectives, steps=ctx.steps, seed=ctx.seed, device=ctx.device,
-                       show_progress=False, param_size=ctx.param_size)
+                       show_progress=False, param_size=ctx.param_size, batch_size=per_batch, runner=ctx.runner)
     images = rendering.images.permute(0, 2, 3, 1).numpy()
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)

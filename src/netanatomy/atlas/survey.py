@@ -79,8 +79,11 @@ def default_layers(layer_map) -> list[str]:
 
 
 def run_survey(out: str | Path, settings: SurveySettings = SurveySettings(), *, loaded=None, dataset=None,
-               log: Callable[[str], None] | None = None, build: bool = True) -> dict[str, Any]:
-    """Survey a model into the atlas folder `out`; returns the atlas document (also atlas.json)."""
+               log: Callable[[str], None] | None = None, build: bool = True, runner: Any = None) -> dict[str, Any]:
+    """Survey a model into the atlas folder `out`; returns the atlas document (also atlas.json).
+
+    `runner` (`scale`) runs the parts' repeated work (shuffles, render batches, lesions) as tasks
+    there (Ray workers); the parts' results do not depend on it."""
     from ..models.layers import discover_layers
 
     root = Path(out)
@@ -92,7 +95,7 @@ def run_survey(out: str | Path, settings: SurveySettings = SurveySettings(), *, 
     layer_map = discover_layers(loaded.module, loaded.input_shape)
     layers = [layer_map.resolve(n).name for n in settings.layers] if settings.layers else default_layers(layer_map)
     ctx = P.SurveyContext(loaded, layer_map, dataset, root, layers, settings.seed, settings.device, settings.steps,
-                          settings.param_size)
+                          settings.param_size, runner)
     base = settings.key_settings()
     got: dict[str, Any] = {}
 

@@ -46,16 +46,22 @@ def _check_ray(ctx: Any, param: Any, value: str | None) -> str | None:
 
 @contextmanager
 def cli_runner(ray: str | None, device: Any = None, jobs: int = 1) -> Iterator[Any]:
-    """The runner the command line asked for, connected before any work and closed after it."""
+    """The runner the command line asked for, connected before any work and closed after it.
+
+    While Ray is connected its messages (a lost worker, a retried task) that it prints on
+    stdout go to stderr: stdout is for the command's result (`--json`)."""
+    import contextlib
+
     from ..scale import make_runner
 
-    runner = make_runner(ray, device=device, jobs=jobs)
-    try:
-        yield runner
-    finally:
-        close = getattr(runner, "close", None)
-        if close is not None:
-            close()
+    with contextlib.redirect_stdout(sys.stderr) if ray else contextlib.nullcontext():
+        runner = make_runner(ray, device=device, jobs=jobs)
+        try:
+            yield runner
+        finally:
+            close = getattr(runner, "close", None)
+            if close is not None:
+                close()
 
 
 def seed_option(f: Callable) -> Callable:

@@ -20,8 +20,8 @@ how many seeds band which way, and whether that agrees with the article (`ANCHOR
 Every (data set, variant, seed) is one task with its own folder OUT/DATA/VARIANT/seed_N/:
 `model.pt` (checkpointed every epoch: an interrupted task resumes mid-training),
 `train.json` and `measure.json` (stage results re-used when their settings are unchanged) and
-`weights.png`. Tasks are independent, so `jobs` of them run at once in separate processes,
-each on one torch thread; a task's numbers do not depend on where or with what it ran. The
+`weights.png`. Tasks are independent, so `jobs` of them run at once in separate processes
+(or on Ray workers, `scale`), each on one torch thread; a task's numbers do not depend on where or with what it ran. The
 table is OUT/results.json and OUT/results.md, with OUT/banding_index.png.
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ from ..errors import UsageError, suggest
 from ..models.zoo.bandingnet import VARIANTS
 from ..util.figures import pyplot
 from ..util.io import file_stem, save_figure, write_json, write_text
+from ..scale import Runner
 from .stages import StageResult, fmt, machine_record, run_stage, train_stage, with_overrides
 
 MODEL = "zoo:bandingnet"
@@ -335,19 +336,22 @@ def task_row(task: Task, trained: StageResult, measured: StageResult) -> dict[st
 # The whole lab
 
 
-def _worker_task(out: str, task: Task, settings: BandingSettings, device: str) -> dict[str, Any]:
-    """A task in a worker process (no progress bars: the parent shows one over the tasks)."""
-    return run_task(out, task, settings, device=device, show_progress=False)
+def _lab_task(context: tuple[str, BandingSettings, str, dict[str, LabData], bool, Callable[[str], None] | None],
+              task: Task) -> dict[str, Any]:
+    out, settings, device, data, show_progress, log = context
+    return run_task(out, task, settings, device=device, show_progress=show_progress, log=log, data=data[task.data])
 
 
 def run_banding(out: str | Path, settings: BandingSettings = FULL, *, device: str = "cpu", jobs: int = 1,
                 show_progress: bool = True, log: Callable[[str], None] | None = None, command: str | None = None,
-                data: dict[str, LabData] | None = None) -> dict[str, Any]:
+                data: dict[str, LabData] | None = None, runner: Runner | None = None) -> dict[str, Any]:
     """Run (or resume) the lab into `out` and return the results document (also written there).
 
-    `jobs` > 1 runs that many tasks at once in worker processes. `data` maps a spec to its
-    opened splits when the caller has opened them to check them first.
+    `jobs` > 1 runs that many tasks at once in worker processes; `runner` (Ray) runs them there
+    instead, each worker writing its networks into `out`, which the workers must share. `data`
+    maps a spec to its opened splits when the caller has opened them to check them first.
     """
+    from ..scale import InProcess, make_runner, map_tasks
     from ..util.progress import progress
 
     settings = settings.checked()
@@ -363,18 +367,13 @@ def run_banding(out: str | Path, settings: BandingSettings = FULL, *, device: st
     out.mkdir(parents=True, exist_ok=True)
     tasks = tasks_of(settings)
     bar = progress(total=len(tasks), desc="lab banding", unit="net", disable=None if show_progress else True)
-    rows: dict[Task, dict[str, Any]] = {}
+    runner = runner or make_runner(jobs=jobs)
+    here = isinstance(runner, InProcess)   # bars and log lines only from this process
+    context = (str(out), settings, str(device), data, show_progress and here, say if here else None)
     try:
-        if jobs == 1:
-            for task in tasks:
-                rows[task] = run_task(out, task, settings, device=device, show_progress=show_progress, log=say,
-                                      data=data[task.data])
-                bar.update(1)
-        else:
-            rows = _run_parallel(out, tasks, settings, device, jobs, bar)
+        ordered = map_tasks(_lab_task, tasks, context=context, runner=runner, on_result=lambda t, r: bar.update(1))
     finally:
         bar.close()
-    ordered = [rows[t] for t in tasks]
     reused = sum(1 for r in ordered if r["reused"]["train"] and r["reused"]["measure"])
     if reused:
         say(f"re-used {reused} of {len(ordered)} finished networks from {out}")
@@ -389,6 +388,7 @@ def run_banding(out: str | Path, settings: BandingSettings = FULL, *, device: st
         "variants": summarize(ordered, settings),
         "machine": machine_record(device, 1),
         "jobs": jobs,
+        "runner": runner.name,
         "wall_s": time.perf_counter() - began,
         "compute_s": sum(sum(r["seconds"].values()) for r in ordered),
         "out": str(out),
@@ -398,32 +398,6 @@ def run_banding(out: str | Path, settings: BandingSettings = FULL, *, device: st
     write_json(out / "results.json", doc)
     write_text(out / "results.md", results_markdown(doc))
     return doc
-
-
-def _run_parallel(out: Path, tasks: Sequence[Task], settings: BandingSettings, device: str, jobs: int,
-                  bar: Any) -> dict[Task, dict[str, Any]]:
-    """Tasks in `jobs` spawned processes; the first failure cancels what has not started."""
-    import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
-
-    rows: dict[Task, dict[str, Any]] = {}
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=multiprocessing.get_context("spawn"))
-    try:
-        futures = {pool.submit(_worker_task, str(out), t, settings, str(device)): t for t in tasks}
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for f in done:
-                try:
-                    rows[futures[f]] = f.result()   # re-raises a worker's error here
-                except BrokenProcessPool:
-                    raise RuntimeError("a worker process died (killed, or out of memory); run the same command "
-                                       "again to resume: finished networks are kept") from None
-                bar.update(1)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,6 +543,10 @@ def _idx(record: dict[str, Any]) -> str:
     return f"{fmt(record['index'], '+.3f')} ({fmt(axis.get('p'), '.2g')})"
 
 
+def _where(doc: dict[str, Any]) -> str:
+    return "Ray workers" if doc.get("runner") == "ray" else f"{doc['jobs']} job(s)"
+
+
 def results_markdown(doc: dict[str, Any]) -> str:
     """The results page: per data set one row per variant beside the article, per-seed rows, pictures."""
     s = doc["settings"]
@@ -579,7 +557,7 @@ def results_markdown(doc: dict[str, Any]) -> str:
         f"Network: `{s['model']}`, recipe: {s['recipe']}. Seeds {', '.join(map(str, s['seeds']))}. "
         f"Article: {doc['anchor']['source']}.",
         f"Compute time of the results: {doc['compute_s']:.0f} s (all tasks, whenever they ran); wall time of this "
-        f"invocation: {doc['wall_s']:.0f} s with {doc['jobs']} job(s) on {doc['machine']['cpus']} CPUs (1 torch "
+        f"invocation: {doc['wall_s']:.0f} s with {_where(doc)} on {doc['machine']['cpus']} CPUs (1 torch "
         f"thread a job, {doc['machine']['device']}).",
         "",
         "H and V: shares of the kernels' sum of squares in row and column variation, energy-weighted over the "

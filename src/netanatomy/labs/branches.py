@@ -43,6 +43,7 @@ from ..errors import UsageError
 from ..util.devices import one_thread
 from ..util.figures import pyplot
 from ..util.io import write_json, write_text
+from ..scale import Runner
 from .stages import StageResult, fmt, machine_record, run_stage, train_stage, with_overrides
 
 MODEL = "zoo:alexnet"
@@ -357,14 +358,40 @@ def _measure_stage(run_dir: Path, seed: int, arm: str, settings: BranchesSetting
 # The whole lab
 
 
+def _seed_task(context: tuple[Path, BranchesSettings, LabData, str, bool, Callable[[str], None]], seed: int
+               ) -> dict[str, Any]:
+    """Both arms of one seed (re-using what is stored) and its table row, on one torch thread."""
+    from ..util.devices import resolve_device
+
+    out, settings, data, device, show_progress, say = context
+    dev = resolve_device(device)
+    run_dir = out / f"seed_{seed}"
+    stages: dict[str, StageResult] = {}
+    with one_thread():
+        for arm in ARMS:
+            stages[f"{arm}_train"] = _train_stage(run_dir / arm, seed, arm, settings, data, dev, show_progress, say)
+            stages[f"{arm}_measure"] = _measure_stage(run_dir, seed, arm, settings, stages[f"{arm}_train"], say)
+    reused = [name for name, s in stages.items() if s.reused]
+    if reused:
+        say(f"seed {seed}: re-used {', '.join(reused)} from {run_dir}")
+    return seed_row(seed, stages)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
 def run_branches(out: str | Path, settings: BranchesSettings = FULL, *, device: str | torch.device = "cpu",
                  show_progress: bool = True, log: Callable[[str], None] | None = None, command: str | None = None,
-                 data: LabData | None = None) -> dict[str, Any]:
+                 data: LabData | None = None, runner: Runner | None = None) -> dict[str, Any]:
     """Run (or resume) the lab into `out` and return the results document (also written there).
 
     `data` is the lab's data when the caller has opened it (`open_lab_data(settings)`) to check
-    it first; `command` is the command line to record.
+    it first; `command` is the command line to record. Seeds are tasks on `runner` (default:
+    here, in turn); on Ray each seed runs on one worker and writes into `out`, which the workers
+    must share.
     """
+    from ..scale import InProcess, map_tasks
     from ..util.devices import resolve_device
 
     settings = settings.checked()
@@ -374,18 +401,9 @@ def run_branches(out: str | Path, settings: BranchesSettings = FULL, *, device: 
     data = data or open_lab_data(settings)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    with one_thread():
-        for seed in settings.seeds:
-            run_dir = out / f"seed_{seed}"
-            stages: dict[str, StageResult] = {}
-            for arm in ARMS:
-                stages[f"{arm}_train"] = _train_stage(run_dir / arm, seed, arm, settings, data, dev, show_progress, say)
-                stages[f"{arm}_measure"] = _measure_stage(run_dir, seed, arm, settings, stages[f"{arm}_train"], say)
-            reused = [name for name, s in stages.items() if s.reused]
-            if reused:
-                say(f"seed {seed}: re-used {', '.join(reused)} from {run_dir}")
-            rows.append(seed_row(seed, stages))
+    here = runner is None or isinstance(runner, InProcess)
+    context = (out, settings, data, str(dev), show_progress and here, say if here else _quiet)
+    rows = map_tasks(_seed_task, list(settings.seeds), context=context, runner=runner)
     doc = {
         "lab": "branches",
         "command": command,

@@ -30,6 +30,7 @@ import torch
 from ..errors import UsageError
 from ..util.io import read_json, write_json, write_text
 from ..util.progress import progress
+from ..scale import Runner
 from .stages import StageResult, fmt, machine_record, run_stage, with_overrides
 
 MODEL = "zoo:mlp"
@@ -176,7 +177,7 @@ def _train_stage(run: SeedRun, settings: LabSettings, data: LabData, device: tor
 
 
 def _cluster_stage(run: SeedRun, settings: LabSettings, module, layer_map, show: bool,
-                   log: Callable[[str], None], runner=None) -> StageResult:
+                   log: Callable[[str], None]) -> StageResult:
     from ..specialization.clusters import cluster_model
 
     stage_settings = {"after": run.stages["train"].key, "graph": "weights", "k": settings.k,
@@ -194,7 +195,7 @@ def _cluster_stage(run: SeedRun, settings: LabSettings, module, layer_map, show:
         bar = progress(total=settings.shuffles, desc="shuffles", unit="net", disable=None if show else True)
         try:
             result = cluster_model(module, layer_map, graph="weights", k=settings.k, n_shuffles=settings.shuffles,
-                                   method="layer", seed=run.seed, n_init=settings.n_init, runner=runner,
+                                   method="layer", seed=run.seed, n_init=settings.n_init,
                                    store=store, on_result=lambda i, v: bar.update(1))
         finally:
             bar.close()
@@ -206,6 +207,10 @@ def _cluster_stage(run: SeedRun, settings: LabSettings, module, layer_map, show:
 
         shutil.rmtree(store_folder)
     return stage
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
 
 
 def _importance_stage(run: SeedRun, settings: LabSettings, data: LabData, module, layer_map, clusters,
@@ -308,7 +313,7 @@ def _quiet(_: str) -> None:
 
 def run_specialization(out: str | Path, settings: LabSettings = FULL, *, device: str | torch.device = "cpu",
                        show_progress: bool = True, log: Callable[[str], None] | None = None,
-                       command: str | None = None, runner=None) -> dict[str, Any]:
+                       command: str | None = None, runner: Runner | None = None) -> dict[str, Any]:
     """Run (or resume) the lab into `out` and return the results document (also written there).
 
     `command` is the command line to record in the results (the CLI passes its spelled-out form).

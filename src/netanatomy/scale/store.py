@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ class TaskStore:
                 out: dict[str, Any] = {name: stored[name] for name in stored.files if name != _JSON_KEY}
                 if _JSON_KEY in stored.files:
                     out.update(json.loads(str(stored[_JSON_KEY])))
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        except (OSError, ValueError, KeyError, AttributeError, zipfile.BadZipFile, EOFError):
             return None  # a damaged file counts as not done: the task runs again
         return out
 

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from ..errors import UsageError
 from ..models.layers import Layer, discover_layers
 from ..models.layout import channels_last as layout_channels_last
 from ..models.layout import prefers_channels_last
+from ..scale import InProcess, Runner, TaskStore, map_tasks
 from ..util.devices import resolve_device
 from ..util.progress import progress
 from ..util.seeding import derive
@@ -77,7 +79,8 @@ def render(model: nn.Module, objectives: Objective | str | Sequence[Objective | 
            decorrelate: bool = True, decay_power: float = DECAY_POWER,
            transforms: TransformConfig | None = TransformConfig(), stage: str = "pre",
            input_shape: Sequence[int] | None = None, device: str | torch.device | None = None,
-           show_progress: bool = True, param_size: int | tuple[int, int] | None = None) -> Rendering:
+           show_progress: bool = True, param_size: int | tuple[int, int] | None = None,
+           runner: Runner | None = None, store: TaskStore | None = None) -> Rendering:
     """Render one image per objective (names such as "mixed4a:97" are parsed).
 
     Images are optimized `batch_size` at a time (default: all in one batch) for `steps` Adam
@@ -86,6 +89,10 @@ def render(model: nn.Module, objectives: Objective | str | Sequence[Objective | 
     off. `stage` "pre" reads pre-activation values, "post" the values after the nonlinearity.
     `param_size` parameterizes the image at that size and upsamples it to the render size
     (Lucent's default for 224 px models is 128).
+
+    Each batch is a task on `runner` (here by default; Ray workers with `scale`), kept in
+    `store` when given so that a stopped render resumes; an image does not depend on where its
+    batch ran.
     """
     objs = [as_objective(o) for o in ([objectives] if isinstance(objectives, (Objective, str)) else objectives)]
     if not objs:
@@ -110,34 +117,72 @@ def render(model: nn.Module, objectives: Objective | str | Sequence[Objective | 
     seeds = image_seeds(objs, seed)
     config = transforms if transforms is not None else NO_TRANSFORMS
 
-    images, values, history, diversity = [], [], [], {}
-    chunks = [range(i, min(i + batch_size, len(objs))) for i in range(0, len(objs), batch_size)]
+    chunks = [(i, min(i + batch_size, len(objs))) for i in range(0, len(objs), batch_size)]
     bar = progress(total=steps * len(chunks), desc="render", unit="step", disable=None if show_progress else True)
-    channels_last = prefers_channels_last(model, dev)
-    micro = micro_batch(objs, layer_map, layers, shape, hw, dev)
-    with frozen_eval(model, channels_last=channels_last):
-        try:
-            for chunk in chunks:
-                result = _render_batch(
-                    model, [objs[i] for i in chunk], [seeds[i] for i in chunk], layers, stage, steps=steps, lr=lr,
-                    size=hw, channels=n_channels, param=param, decorrelate=decorrelate, decay_power=decay_power,
-                    config=config, device=dev, bar=bar, channels_last=channels_last, micro=micro,
-                    param_size=param_size)
-                images.append(result[0])
-                values.append(result[1])
-                history.append(result[2])
-                diversity.update(result[3])
-        except RuntimeError as exc:
-            if (n_channels, *hw) != shape:  # most likely the model cannot take the asked-for image shape
-                raise UsageError(f"the model failed on {n_channels}x{hw[0]}x{hw[1]} images (it was built for "
-                                 f"{'x'.join(map(str, shape))}): {' '.join(str(exc).split())[:160]}") from exc
-            raise
-        finally:
-            bar.close()
+    here = runner is None or isinstance(runner, InProcess)
+    job = RenderJob(model, objs, seeds, layers, stage, steps, lr, hw, n_channels, param, decorrelate, decay_power,
+                    config, dev, micro_batch(objs, layer_map, layers, shape, hw, dev), param_size,
+                    bar if here else None)
+    try:
+        parts = map_tasks(_render_task, chunks, context=job, runner=runner, store=store,
+                          key=lambda c: f"images-{c[0]:06d}-{c[1]:06d}",
+                          on_result=None if here else (lambda c, r: bar.update(steps)))
+    except RuntimeError as exc:
+        if (n_channels, *hw) != shape:  # most likely the model cannot take the asked-for image shape
+            raise UsageError(f"the model failed on {n_channels}x{hw[0]}x{hw[1]} images (it was built for "
+                             f"{'x'.join(map(str, shape))}): {' '.join(str(exc).split())[:160]}") from exc
+        raise
+    finally:
+        bar.close()
+    diversity: dict[str, float] = {}
+    for part in parts:
+        diversity.update({k: float(v) for k, v in (part.get("diversity") or {}).items()})
     return Rendering(
-        images=torch.cat(images), names=[o.name for o in objs], values=np.concatenate(values),
-        history=np.concatenate(history, axis=1), seeds=seeds, diversity=diversity,
+        images=torch.from_numpy(np.concatenate([p["images"] for p in parts])), names=[o.name for o in objs],
+        values=np.concatenate([p["values"] for p in parts]), history=np.concatenate([p["history"] for p in parts], axis=1),
+        seeds=seeds, diversity=diversity,
     )
+
+
+@dataclass
+class RenderJob:
+    """What every batch of a render shares (the context of its tasks)."""
+
+    model: nn.Module
+    objs: list[Objective]
+    seeds: list[int]
+    layers: dict[str, Layer]
+    stage: str
+    steps: int
+    lr: float
+    size: tuple[int, int]
+    channels: int
+    param: str
+    decorrelate: bool
+    decay_power: float
+    config: TransformConfig
+    device: torch.device
+    micro: int | None
+    param_size: int | tuple[int, int] | None
+    bar: Any = None   # a progress bar, in this process only
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def _render_task(job: RenderJob, chunk: tuple[int, int]) -> dict[str, Any]:
+    """Images start..stop-1 of a render, optimized together in one batch."""
+    start, stop = chunk
+    channels_last = prefers_channels_last(job.model, job.device)
+    with frozen_eval(job.model, channels_last=channels_last):
+        images, values, history, diversity = _render_batch(
+            job.model, job.objs[start:stop], job.seeds[start:stop], job.layers, job.stage, steps=job.steps, lr=job.lr,
+            size=job.size, channels=job.channels, param=job.param, decorrelate=job.decorrelate,
+            decay_power=job.decay_power, config=job.config, device=job.device, bar=job.bar or _NoBar(),
+            channels_last=channels_last, micro=job.micro, param_size=job.param_size)
+    return {"images": images.numpy(), "values": values, "history": history, "diversity": diversity}
 
 
 # ---------------------------------------------------------------------------------------------

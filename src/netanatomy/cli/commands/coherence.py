@@ -13,6 +13,8 @@ from ..options import (
     model_argument,
     open_cli_data,
     read_cli_clusters,
+    cli_runner,
+    ray_option,
     seed_option,
 )
 
@@ -32,12 +34,16 @@ from ..options import (
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N test examples.")
 @click.option("--steps", type=click.IntRange(1), default=256, show_default=True,
               help="Render steps per image (visualization); all sets render in one batch.")
+@click.option("--batch", type=click.IntRange(1), default=None,
+              help="Renders optimized together (visualization), each batch one task (with --ray, one per worker "
+                   "at a time); an image is the same for one --batch with or without Ray  [default: all in one].")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON result here.")
 @seed_option
 @device_option
+@ray_option
 @json_option
-def command(model, weights, model_args, input_shape, clusters_file, data, n_random, kinds, top, limit, steps, out,
-            seed, device, as_json) -> None:
+def command(model, weights, model_args, input_shape, clusters_file, data, n_random, kinds, top, limit, steps, batch,
+            out, seed, device, ray, as_json) -> None:
     """Score each sub-cluster's coherence against R random same-size sets of its layer: label
     entropy of its top inputs, correlation of its units, and (--kind visualization) the
     network's prediction entropy on its feature visualization and the objective reached."""
@@ -65,9 +71,11 @@ def command(model, weights, model_args, input_shape, clusters_file, data, n_rand
                                        input_shape=loaded.input_shape) if layers else ({}, None)
     scales = unit_scales(loaded.module, layers, ds, max_examples=None, seed=seed, device=device,
                          input_shape=loaded.input_shape) if layers and "visualization" in kind_list else None
-    result = coherence(values, labels, clusters, n_random=n_random, seed=seed, top=top, kinds=kind_list,
-                       num_classes=loaded.num_classes, model=loaded.module, unit_scale=scales, steps=steps,
-                       input_shape=loaded.input_shape, device=device, show_progress=True)
+    with cli_runner(ray, device) as runner:
+        result = coherence(values, labels, clusters, n_random=n_random, seed=seed, top=top, kinds=kind_list,
+                           num_classes=loaded.num_classes, model=loaded.module, unit_scale=scales, steps=steps,
+                           input_shape=loaded.input_shape, device=device, show_progress=True, batch_size=batch,
+                           runner=runner)
     doc = {"model": loaded.source, "data": data, "examples": len(ds), **result.to_json()}
     if out:
         write_json(out, doc)

@@ -9,7 +9,16 @@ from __future__ import annotations
 import click
 
 from ..boundary import check_data_fits
-from ..options import check_output, comma_list, device_option, emit, json_option, load_cli_model
+from ..options import (
+    check_output,
+    cli_runner,
+    comma_list,
+    device_option,
+    emit,
+    json_option,
+    load_cli_model,
+    ray_option,
+)
 
 
 @click.group("lab")
@@ -52,8 +61,9 @@ def parse_seeds(text: str) -> tuple[int, ...]:
 @click.option("--quick", is_flag=True,
               help="Smoke run: 1 seed, 1 epoch on 3000 examples, 5 shuffles, 4 random sets, 16 render steps.")
 @device_option
+@ray_option
 @json_option
-def specialization(out, seeds, epochs, k, shuffles, n_random, steps, data, quick, device, as_json) -> None:
+def specialization(out, seeds, epochs, k, shuffles, n_random, steps, data, quick, device, ray, as_json) -> None:
     """Filan et al. / Hod et al. on the Fashion-MNIST MLP 784-256x4-10: train each seed, cluster the
     weight graph (K=12) against 50 shuffled networks, then importance and coherence of every
     sub-cluster; writes OUT/results.json and OUT/results.md beside the published anchor."""
@@ -83,7 +93,8 @@ def specialization(out, seeds, epochs, k, shuffles, n_random, steps, data, quick
                f"--epochs {settings.epochs} --k {settings.k} --shuffles {settings.shuffles} --random "
                f"{settings.n_random} --steps {settings.steps} --data {settings.data}"
                + (" --quick" if quick else ""))
-    doc = run_specialization(out, settings, device=device, log=log, command=spelled)
+    with cli_runner(ray, device) as runner:
+        doc = run_specialization(out, settings, device=device, log=log, command=spelled, runner=runner)
     emit(doc, as_json, _human)
 
 
@@ -119,8 +130,9 @@ def _num(x, width: int, spec: str) -> str:
 @click.option("--quick", is_flag=True, help="Smoke run: 1 seed, 2 epochs on 1500 images of a quarter-width net, "
                                             "999 relabellings.")
 @device_option
+@ray_option
 @json_option
-def branches(out, seeds, epochs, data, width, quick, device, as_json) -> None:
+def branches(out, seeds, epochs, data, width, quick, device, ray, as_json) -> None:
     """AlexNet's first two conv layers split in two groups that meet at conv3, trained on colour
     natural images, next to the same network unsplit, for every seed: per group the mean
     colourfulness and frequency of conv1's filters (which group is the colour one, permutation
@@ -141,7 +153,8 @@ def branches(out, seeds, epochs, data, width, quick, device, as_json) -> None:
     spelled = (f"netanatomy lab branches --out {out} --seeds {','.join(map(str, settings.seeds))} "
                f"--epochs {settings.epochs} --data '{settings.data}' --width {settings.width:g}"
                + (" --quick" if quick else ""))
-    doc = run_branches(out, settings, device=device, log=log, command=spelled, data=lab_data)
+    with cli_runner(ray, device) as runner:
+        doc = run_branches(out, settings, device=device, log=log, command=spelled, data=lab_data, runner=runner)
     emit(doc, as_json, _branches_human)
 
 
@@ -182,12 +195,14 @@ def _names(text: str, option: str) -> tuple[str, ...]:
 @click.option("--width", type=click.IntRange(1), default=None,
               help="Channels of the first group; the last has 8x  [default: 16].")
 @click.option("--jobs", type=click.IntRange(1), default=1, show_default=True,
-              help="Networks trained at once, each in its own process on one torch thread.")
+              help="Networks trained at once, each in its own process on one torch thread (--ray: as many as "
+                   "Ray has workers).")
 @click.option("--quick", is_flag=True, help="Smoke run: 1 seed, 1 epoch on 1600 bundled Fashion-MNIST images, width 4, "
                                             "99 permutations (under two minutes).")
 @device_option
+@ray_option
 @json_option
-def banding(out, data, variants, seeds, epochs, width, jobs, quick, device, as_json) -> None:
+def banding(out, data, variants, seeds, epochs, width, jobs, quick, device, ray, as_json) -> None:
     """The Weight Banding study's simplified net (six 3x3 conv groups, L2 pooling, global average
     pooling, linear) and each intervention, trained per data set and seed: the banding of the
     last three conv layers (H, V, H - V with a test against unit transposes, orientation, the
@@ -210,7 +225,9 @@ def banding(out, data, variants, seeds, epochs, width, jobs, quick, device, as_j
     spelled = (f"netanatomy lab banding --out {out} " + " ".join(f"--data '{d}'" for d in settings.data)
                + f" --variants {','.join(settings.variants)} --seeds {','.join(map(str, settings.seeds))} "
                f"--epochs {settings.epochs} --width {settings.width} --jobs {jobs}" + (" --quick" if quick else ""))
-    doc = run_banding(out, settings, device=device, jobs=jobs, log=log, command=spelled, data=lab_data)
+    with cli_runner(ray, device, jobs=jobs) as runner:
+        doc = run_banding(out, settings, device=device, jobs=jobs, log=log, command=spelled, data=lab_data,
+                          runner=runner)
     emit(doc, as_json, _banding_human)
 
 

@@ -16,6 +16,8 @@ from ..options import (
     load_cli_model,
     model_argument,
     parse_units,
+    cli_runner,
+    ray_option,
     seed_option,
 )
 
@@ -64,18 +66,23 @@ def objective_class(obj, loaded, layer_map, logits: str | None) -> str:
               help="Maximize pre-activation values (as Lucid's pre_relu layers) or post-activation values.")
 @click.option("--transforms/--no-transforms", default=True, show_default=True,
               help="Random pad/jitter/scale/rotate at every step (transformation robustness).")
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Output directory (finished batches are kept in OUT/render.tasks/ until the render is written, "
+                   "so a stopped render resumes).")
+@click.option("--restart", is_flag=True, help="Ignore the finished batches kept in OUT/render.tasks/.")
 @seed_option
 @device_option
+@ray_option
 @json_option
 def command(model, weights, model_args, input_shape, layer, units, objectives, steps, batch, lr, param, size,
-            param_size, stage, transforms, out, seed, device, as_json) -> None:
+            param_size, stage, transforms, out, restart, seed, device, ray, as_json) -> None:
     """Render the units of LAYER of MODEL (or --objective names): one PNG each, a contact sheet, a JSON."""
     from pathlib import Path
 
     from ...errors import UsageError
     from ...models import logits_layer
     from ...models.layers import discover_layers
+    from ...scale import TaskStore
     from ...util.io import save_png, write_json
     from ...visualize import TransformConfig, channel, parse_objective, render
     from ...visualize.sheet import contact_sheet, to_hwc
@@ -100,14 +107,21 @@ def command(model, weights, model_args, input_shape, layer, units, objectives, s
         unit_list = parse_units(units, resolved.units)
         objs = [channel(resolved.name, u) for u in unit_list]
         layer_name = resolved.name
+    out_dir = Path(out)
+    # everything a batch's images depend on
+    config = {"task": "render", "model": model, "weights": weights, "model_args": list(model_args),
+              "input_shape": list(loaded.input_shape or ()), "objectives": [o.name for o in objs], "steps": steps,
+              "batch": batch, "lr": lr, "param": param, "size": size, "param_size": param_size, "stage": stage,
+              "transforms": transforms, "seed": seed, "device": str(device)}
+    store = TaskStore(out_dir / "render.tasks", config, restart=restart)
     started = time.perf_counter()
-    result = render(module, objs, steps=steps, lr=lr, seed=seed, batch_size=batch, size=size, param=param,
-                    param_size=param_size,
-                    stage=stage, transforms=TransformConfig() if transforms else None,
-                    input_shape=layer_map.input_shape, device=device)
+    with cli_runner(ray, device) as runner:
+        result = render(module, objs, steps=steps, lr=lr, seed=seed, batch_size=batch, size=size, param=param,
+                        param_size=param_size,
+                        stage=stage, transforms=TransformConfig() if transforms else None,
+                        input_shape=layer_map.input_shape, device=device, runner=runner, store=store)
     seconds = time.perf_counter() - started
 
-    out_dir = Path(out)
     files = []
     for i, obj in enumerate(objs):
         stem = f"unit_{unit_list[i]:04d}" if unit_list is not None else f"{i:03d}_{file_stem(obj.name)}"
@@ -132,6 +146,7 @@ def command(model, weights, model_args, input_shape, layer, units, objectives, s
         "seconds": seconds, "out": str(out_dir),
     }
     write_json(out_dir / "render.json", summary)
+    store.clear()
 
     def human(s):
         what = s["layer"] or (shown[0] if len(shown) == 1 else "the objectives")

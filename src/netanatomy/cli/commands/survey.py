@@ -3,7 +3,18 @@ from __future__ import annotations
 
 import click
 
-from ..options import check_output, device_option, emit, input_shape_option, json_option, load_cli_model, open_cli_data, seed_option
+from ..options import (
+    check_output,
+    cli_runner,
+    device_option,
+    emit,
+    input_shape_option,
+    json_option,
+    load_cli_model,
+    open_cli_data,
+    ray_option,
+    seed_option,
+)
 
 
 @click.command("survey")
@@ -35,9 +46,10 @@ from ..options import check_output, device_option, emit, input_shape_option, jso
               help="The atlas folder (re-used on a re-run: finished parts are kept).")
 @seed_option
 @device_option
+@ray_option
 @json_option
 def command(model, weights, model_args, input_shape, data, layers, budget, steps, param_size, k, shuffles, n_random,
-            examples, out, seed, device, as_json) -> None:
+            examples, out, seed, device, ray, as_json) -> None:
     """Run every analysis that applies to MODEL (default: the bundled branched model on the bundled
     data) within --budget minutes and write a browsable atlas: OUT/index.html (open it, or run
     'netanatomy serve OUT'), the raw results in OUT/results/ and OUT/atlas.json."""
@@ -61,7 +73,9 @@ def command(model, weights, model_args, input_shape, data, layers, budget, steps
     settings = SurveySettings(model=name, weights=weights, model_args=tuple(model_args), data=spec, layers=chosen,
                               budget_min=budget, steps=steps, param_size=param_size, k=k, shuffles=shuffles,
                               n_random=n_random, examples=examples, seed=seed, device=device)
-    doc = run_survey(out, settings, loaded=loaded, dataset=dataset, log=lambda m: click.echo(m, err=True))
+    with cli_runner(ray, device) as runner:
+        doc = run_survey(out, settings, loaded=loaded, dataset=dataset, log=lambda m: click.echo(m, err=True),
+                         runner=runner)
     index = Path(out) / "index.html"
     summary = {"atlas": str(Path(out)), "index": str(index), "seconds": doc["survey"]["seconds"],
                "budget_s": doc["survey"]["budget_s"], "parts": doc["survey"]["parts"], "headlines": doc["headlines"]}

@@ -1,0 +1,168 @@
+"""Tasks here, in local processes and on a 2-worker Ray cluster: the same results, resumable.
+
+The Ray tests start a real head node with 2 CPUs (`ray start --head`) and pass its address
+to the commands, as a user on a cluster would; they are skipped where Ray is not installed
+(`pip install 'netanatomy[ray]'`; the README's set-up installs it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from netanatomy.cli.main import run
+from netanatomy.scale import InProcess, Processes, TaskStore, map_tasks
+
+
+def _square(context, item):
+    return {"value": np.asarray(context * item), "item": item}
+
+
+def test_map_tasks_keeps_item_order_and_resumes_from_the_store(tmp_path):
+    store = TaskStore(tmp_path / "s", {"run": 1})
+    seen = []
+    out = map_tasks(_square, [3, 1, 2], context=10, store=store, on_result=lambda i, r: seen.append(i))
+    assert [int(r["value"]) for r in out] == [30, 10, 20] and seen == [3, 1, 2] and store.done() == 3
+    # a stored result is taken as it is: plant one and it comes back instead of being recomputed
+    store.put("1", {"value": np.asarray(-5), "item": 1})
+    again = map_tasks(_square, [3, 1, 2, 4], context=10, store=TaskStore(tmp_path / "s", {"run": 1}))
+    assert [int(r["value"]) for r in again] == [30, -5, 20, 40]
+    # other settings: the old results are removed, not mixed in
+    fresh = map_tasks(_square, [1], context=10, store=TaskStore(tmp_path / "s", {"run": 2}))
+    assert int(fresh[0]["value"]) == 10 and TaskStore(tmp_path / "s", {"run": 2}).done() == 1
+
+
+def test_store_never_unpickles_and_treats_damage_as_missing(tmp_path):
+    store = TaskStore(tmp_path / "s", {})
+    np.save(store.path("evil"), np.array([object()], dtype=object), allow_pickle=True)
+    os.replace(str(store.path("evil")) + ".npy", store.path("evil"))
+    assert store.get("evil") is None
+    store.path("torn").write_bytes(b"PK\x03\x04 not a whole file")
+    assert store.get("torn") is None
+    store.put("nan", {"x": np.asarray([np.nan, 1.0]), "note": "ok"})
+    got = store.get("nan")
+    assert np.isnan(got["x"][0]) and got["x"][1] == 1.0 and got["note"] == "ok"
+
+
+def test_processes_give_what_in_process_gives():
+    items = list(range(7))
+    here = map_tasks(_square, items, context=3, runner=InProcess())
+    there = map_tasks(_square, items, context=3, runner=Processes(2))
+    assert [int(r["value"]) for r in there] == [int(r["value"]) for r in here]
+
+
+def test_ray_flag_without_ray_installed_is_exit_2(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)   # import ray now raises ImportError
+    assert run(["clusters", "zoo:mlp-fmnist", "--k", "4", "--shuffles", "1", "--ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'netanatomy[ray]'" in err and len(err.splitlines()) == 1
+
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'netanatomy[ray]'")
+
+
+def test_an_address_where_no_cluster_listens_is_exit_2_at_once(capsys):
+    with socket.socket() as s:   # a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    began = time.monotonic()
+    assert run(["clusters", "zoo:mlp-fmnist", "--k", "4", "--shuffles", "1", "--ray", f"127.0.0.1:{port}"]) == 2
+    assert time.monotonic() - began < 30
+    assert "no Ray cluster answers" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A local head node with 2 worker CPUs; its address."""
+    ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    if ray_bin is None:
+        pytest.skip("the ray command is not installed")
+    port = _free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    # a throw-away cluster on localhost, for this module only: no token to hand around
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--num-gpus", "0", f"--port={port}",
+                    "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                   check=True, capture_output=True, env=env, timeout=180)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
+
+
+def _json_of(capsys, argv) -> dict:
+    capsys.readouterr()
+    assert run(argv) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_clusters_shuffles_give_the_same_json_on_ray(ray_cluster, capsys):
+    args = ["clusters", "zoo:mlp-fmnist", "--k", "5", "--shuffles", "6", "--seed", "3", "--json"]
+    here = _json_of(capsys, args)
+    there = _json_of(capsys, args + ["--ray", ray_cluster])
+    assert there == here and here["shuffle"]["n"] == 6
+
+
+def test_importance_gives_the_same_json_on_ray(ray_cluster, capsys, tmp_path):
+    clusters = tmp_path / "c.json"
+    assert run(["clusters", "zoo:mlp-fmnist", "--k", "6", "--shuffles", "0", "--out", str(clusters)]) == 0
+    args = ["importance", "zoo:mlp-fmnist", "--clusters", str(clusters), "--data", "bundled", "--random", "9",
+            "--limit", "400", "--json"]
+    here = _json_of(capsys, args)
+    there = _json_of(capsys, args + ["--ray", ray_cluster])
+    assert there == here and len(here["sub_clusters"]) > 1
+
+
+def _worker_pids() -> list[int]:
+    """Processes running one of our tasks (Ray names a busy worker after its task)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines()[1:] if "ray::_run_task" in line]
+
+
+def test_a_killed_worker_and_a_rerun_give_the_same_result(ray_cluster, tmp_path, capsys):
+    args = ["clusters", "zoo:mlp-fmnist", "--k", "6", "--shuffles", "24", "--seed", "1", "--json"]
+    expected = _json_of(capsys, args)
+    out = tmp_path / "c.json"
+    cli = [sys.executable, "-m", "netanatomy.cli.main", *args, "--ray", ray_cluster, "--out", str(out)]
+    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "NETANATOMY_PROGRESS": "0"})
+    killed = []
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline and not killed:
+        store = Path(str(out) + ".tasks")
+        if store.is_dir() and len(list(store.glob("*.npz"))) >= 2:
+            for pid in _worker_pids()[:1]:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert killed, "no busy worker was found to kill"
+    if proc.returncode != 0:   # the run may stop on the lost worker; the re-run finishes it
+        assert proc.returncode == 1 and "run the same command again" in stderr, stderr
+        assert run(args + ["--ray", ray_cluster, "--out", str(out)]) == 0
+        stdout = capsys.readouterr().out
+    assert stdout.strip().startswith("{"), (proc.returncode, stdout[:500], stderr[-2000:])
+    assert json.loads(stdout) == expected
+    assert json.loads(out.read_text())["shuffle"] == expected["shuffle"]
+    assert not Path(str(out) + ".tasks").exists()
