@@ -151,7 +151,7 @@ def with_q_values(tests: list[LesionTest]) -> list[LesionTest]:
 # The lesions of a layer run as tasks of this many masks. The split depends on the sizes only,
 # never on the runner, so the counts (and the float64 checks behind them) are the same here and
 # on any number of Ray workers.
-TASK_MASKS = 1024
+TASK_MASKS = 256
 _COUNTERS = ("refined_rows", "checked_rows", "disagreements", "recomputed_batches")
 
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU check: the GPU-marked tests and the GPU benchmarks on a CUDA device, with their figures.
+#
+#   bash benchmarks/gpu_check.sh            # from the repository root or anywhere
+#
+# Sized to finish within 8 minutes on one GPU (each step has its own time limit below), so that
+# a GPU machine lent for about 15 minutes, start-up included, leaves room for a re-run. It uses
+# .venv/bin/python when that torch sees CUDA, else python3 (a machine with its own CUDA torch),
+# and runs netanatomy from src/ (nothing to install). ImageNet weights: the zoo finds them in the
+# installed packages or in torch's cache; a folder .gpu/ holding mobilenet_v2-b0353104.pth and
+# efficientnet-lite0-57934424.pth is copied into that cache first (carry it to a bare machine).
+# The CPU-only benchmarks (the lesion evaluator's float64 certification, bench_render_imagenet's
+# CPU ceiling, the CPU reference loops of NMF, CKA, clustering) are not run here.
+# Output: each step's lines, then a summary block; the exit status is non-zero when a step failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY=python3
+if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  PY=.venv/bin/python
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" NETANATOMY_PROGRESS=0 PYTHONUNBUFFERED=1
+if ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "gpu_check: no CUDA device for $PY (torch $($PY -c 'import torch; print(torch.__version__)' 2>/dev/null))" >&2
+  exit 2
+fi
+if [ -d .gpu ]; then
+  cache="${TORCH_HOME:-$HOME/.cache/torch}/hub/checkpoints"
+  mkdir -p "$cache" && cp -n .gpu/*.pth "$cache"/ 2>/dev/null || true
+fi
+$PY - <<'EOF'
+import torch
+p = torch.cuda.get_device_properties(0)
+print(f"gpu_check: torch {torch.__version__}, {p.name}, {p.total_memory / 2**30:.0f} GiB")
+EOF
+
+started=$(date +%s)
+failed=()
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  echo "=== $name (limit ${limit} s)"
+  timeout "$limit" "$@"
+  local rc=$?
+  echo "=== $name: exit $rc in $(( $(date +%s) - t0 )) s"
+  [ $rc -eq 0 ] || failed+=("$name")
+  return 0
+}
+
+step "GPU tests" 200 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts=-ra
+step "render batched vs alone (bench_render)" 60 \
+  $PY benchmarks/bench_render.py --device cuda --configs 1x28x28,3x64x64 --units 64 --steps 64 --threads 4
+step "InceptionV1, every mixed-layer unit (bench_render_inception)" 150 \
+  $PY benchmarks/bench_render_inception.py --device cuda --units 128 --steps 32
+
+echo "=== summary: $(( $(date +%s) - started )) s in all"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "failed: ${failed[*]}"
+  exit 1
+fi
+echo "all steps passed"
