@@ -333,6 +333,7 @@ def _render_batch(model: nn.Module, objs: Sequence[Objective], seeds: Sequence[i
 
     plan = None
     micro = min(batch, micro or batch)
+    chunks = even_chunks(batch, micro)
     with recording(model, list(needed.values()), stage, keep, stop_early=True, detach=False) as recorder:
         for t in range(steps):
             optimizer.zero_grad(set_to_none=True)
@@ -349,27 +350,29 @@ def _render_batch(model: nn.Module, objs: Sequence[Objective], seeds: Sequence[i
                 # Images are independent (linear objectives only): run the network on a few at a
                 # time, whose activations stay in cache, and send the summed input gradient back
                 # through the parameterization once. The gradient is the full batch's.
-                leaf = x.detach().requires_grad_(True)
+                # One leaf per micro-batch: a slice of one big leaf would send back a full-batch
+                # gradient (zeros but for the slice) and add it up, micro-batch after micro-batch.
                 per_image = x.new_zeros(batch)
-                for start in range(0, batch, micro):
-                    rows = slice(start, min(batch, start + micro))
+                grads = []
+                for rows in chunks:
+                    leaf = x[rows].detach().requires_grad_(True)
                     acts.clear()
-                    recorder.forward(leaf[rows])
+                    recorder.forward(leaf)
                     _check_reached(acts, needed)
                     if plan is None:
                         plan = _build_plan(objs, layers, {k: v.detach() for k, v in acts.items()}, device)
                     part, total, _ = _evaluate(_rows(plan, rows), layers, acts, rows.stop - rows.start)
                     (-total).backward()
                     per_image[rows] = part.detach()
-                x.backward(leaf.grad)
+                    grads.append(leaf.grad)
+                x.backward(torch.cat(grads).contiguous(memory_format=layout))
             optimizer.step()
             history[t] = per_image.detach()
             bar.update(1)
         with torch.no_grad():
             final = image().detach()
             per_image = final.new_zeros(batch)
-            for start in range(0, batch, micro):
-                rows = slice(start, min(batch, start + micro))
+            for rows in chunks:
                 acts.clear()
                 recorder.forward(final[rows].contiguous(memory_format=layout))
                 _check_reached(acts, needed)
@@ -402,6 +405,19 @@ def micro_batch(objs: Sequence[Objective], layer_map, layers: Mapping[str, Layer
         if layer.index <= last and layer.out_shape:
             biggest = max(biggest, int(math.prod(layer.out_shape) * (scale if len(layer.out_shape) == 3 else 1.0)))
     return max(1, MICRO_BATCH_BYTES // max(1, 4 * biggest))
+
+
+def even_chunks(batch: int, most: int) -> list[slice]:
+    """Rows 0..batch-1 in the fewest chunks of at most `most`, as even as can be (32 at 5:
+    5,5,5,5,4,4,4 rather than six of 5 and a 2 that runs at a fraction of the rate)."""
+    count = -(-batch // max(1, most))
+    size, extra = divmod(batch, count)
+    out, start = [], 0
+    for i in range(count):
+        stop = start + size + (1 if i < extra else 0)
+        out.append(slice(start, stop))
+        start = stop
+    return out
 
 
 def _rows(plan: _Plan, rows: slice) -> _Plan:
