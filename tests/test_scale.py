@@ -166,3 +166,26 @@ def test_a_killed_worker_and_a_rerun_give_the_same_result(ray_cluster, tmp_path,
     assert json.loads(stdout) == expected
     assert json.loads(out.read_text())["shuffle"] == expected["shuffle"]
     assert not Path(str(out) + ".tasks").exists()
+
+
+def test_render_on_ray_writes_the_same_images(ray_cluster, tmp_path, capsys):
+    args = ["render", "zoo:minception-fmnist", "--layer", "mixed1", "--units", "0-11", "--batch", "4", "--steps", "8",
+            "--json"]
+    here = _json_of(capsys, args + ["--out", str(tmp_path / "a")])
+    there = _json_of(capsys, args + ["--out", str(tmp_path / "b"), "--ray", ray_cluster])
+    assert there["values"] == here["values"] and there["files"] == here["files"]
+    for name in here["files"]:
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
+    assert not (tmp_path / "b" / "render.tasks").exists()
+
+
+def test_the_banding_lab_on_ray_gives_the_same_table(ray_cluster, tmp_path, capsys):
+    args = ["lab", "banding", "--quick", "--variants", "baseline,rotate", "--seeds", "0", "--json"]
+    here = _json_of(capsys, args + ["--out", str(tmp_path / "a")])
+    there = _json_of(capsys, args + ["--out", str(tmp_path / "b"), "--ray", ray_cluster])
+
+    def numbers(doc):
+        return [{k: v for k, v in row.items() if k not in ("seconds", "reused")} for row in doc["rows"]]
+
+    assert numbers(there) == numbers(here) and there["runner"] == "ray" and here["runner"] == "in-process"
+    assert (tmp_path / "b" / "results.md").is_file()

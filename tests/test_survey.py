@@ -147,3 +147,36 @@ def test_connections_skip_links_a_depthwise_conv_does_not_have():
     out = connections_part(ctx)
     down = out["0"]["2"]["downstream"]
     assert [d["unit"] for d in down] == [2]          # channel 2 feeds depthwise unit 2 only
+
+
+def test_a_survey_killed_inside_a_part_resumes_from_its_finished_tasks(tmp_path, loaded, data, uninterrupted,
+                                                                       monkeypatch):
+    """Killed after the first render batch of a part: the re-run takes that batch from the part's
+    task store (OUT/results/tasks/PART/), computes only the rest, and gives the same atlas."""
+    import importlib
+
+    R = importlib.import_module("netanatomy.visualize.render")
+    first_root, first = uninterrupted
+    root = tmp_path / "c"
+    settings = SurveySettings(model=MODEL, data="bundled", **SMALL)
+    real = R._render_task
+
+    def dies_on_the_second_batch(job, chunk):   # of a part (the calibration renders are single batches)
+        if chunk[0] > 0:
+            raise KeyboardInterrupt
+        return real(job, chunk)
+
+    monkeypatch.setattr(R, "_render_task", dies_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_survey(root, settings, loaded=loaded, dataset=data, build=False)
+    stores = [p for p in (root / "results" / "tasks").iterdir() if any(p.glob("*.npz"))]
+    assert len(stores) == 1 and len(list(stores[0].glob("*.npz"))) == 1
+    seen = []
+    monkeypatch.setattr(R, "_render_task", lambda job, chunk: seen.append(chunk) or real(job, chunk))
+    again = run_survey(root, settings, loaded=loaded, dataset=data, build=False)
+    # render/0 is conv1 + mixed1, 72 images in batches (0, 64) and (64, 72); its stored first batch is
+    # not rendered again: (0, 64) runs once, for the rate calibration (a 64-image render)
+    assert (64, 72) in seen and seen.count((0, 64)) == 1, seen
+    assert _stable(again) == _stable(first)
+    assert _files(root) == _files(first_root)
+    assert not (root / "results" / "tasks").exists()

@@ -37,6 +37,7 @@ class SurveyContext:
     steps: int
     param_size: int | None
     runner: Any = None    # where the parts' tasks run (scale): here when None
+    store: Any = None     # the running part's TaskStore (set by the survey around each part)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -285,7 +286,7 @@ def clusters_part(ctx: SurveyContext, k: int, shuffles: int) -> dict[str, Any]:
     from ..specialization.clusters import cluster_model
 
     result = cluster_model(ctx.module, ctx.layer_map, graph="weights", k=k, n_shuffles=shuffles, seed=ctx.seed,
-                           n_init=10, runner=ctx.runner)
+                           n_init=10, runner=ctx.runner, store=ctx.store)
     return result.to_json()
 
 
@@ -321,7 +322,8 @@ def importance_part(ctx: SurveyContext, clusters_doc: dict[str, Any], n_random: 
 
     x, y = ctx.dataset.tensors(list(range(min(len(ctx.dataset), LESION_EXAMPLES))))
     result = importance(ctx.module, ctx.layer_map, _clusters(clusters_doc), x, y, n_random=n_random, seed=ctx.seed,
-                        num_classes=ctx.loaded.num_classes, device=ctx.device, runner=ctx.runner)
+                        num_classes=ctx.loaded.num_classes, device=ctx.device, runner=ctx.runner,
+                        store=ctx.store)
     doc = result.to_json()
     for t, j in zip(result.tests, doc["sub_clusters"]):
         j["random_drops"] = [float(v) for v in t.random_drop]
@@ -466,7 +468,7 @@ def render_part(ctx: SurveyContext, layers: Sequence[str]) -> dict[str, Any]:
     objectives = [channel(lay.name, u) for lay in resolved for u in range(lay.units)]
     rendering = render(ctx.module, objectives, steps=ctx.steps, seed=ctx.seed, device=ctx.device,
                        show_progress=False, param_size=ctx.param_size, batch_size=RENDER_TASK_IMAGES,
-                       runner=ctx.runner)
+                       runner=ctx.runner, store=ctx.store)
     images = rendering.images.permute(0, 2, 3, 1).numpy()
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
@@ -517,7 +519,8 @@ def diversity_part(ctx: SurveyContext, layers: Sequence[str]) -> dict[str, Any]:
     # whole groups per batch: the diversity term is over a unit's copies
     per_batch = DIVERSITY_COPIES * max(1, RENDER_TASK_IMAGES // DIVERSITY_COPIES)
     rendering = render(ctx.module, objectives, steps=ctx.steps, seed=ctx.seed, device=ctx.device,
-                       show_progress=False, param_size=ctx.param_size, batch_size=per_batch, runner=ctx.runner)
+                       show_progress=False, param_size=ctx.param_size, batch_size=per_batch, runner=ctx.runner,
+                       store=ctx.store)
     images = rendering.images.permute(0, 2, 3, 1).numpy()
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)

@@ -5,7 +5,9 @@ families, connections), then the ones that cost model passes (probes and branch 
 clusters with shuffles, dataset examples layer by layer, feature visualizations in chunks of
 layers), and last coherence and lesions (the slowest, and not what a reader opens first). Each part's result is a stage (`labs/stages.py`): written once, atomically, under
 `OUT/results/`, and re-used by a later run with the same settings, so a killed survey re-run
-does only what is missing. Before an expensive part (or layer) starts, its cost is estimated
+does only what is missing; within a part, its finished tasks (shuffles, render batches, lesion
+blocks: `scale`) are kept in `OUT/results/tasks/PART/` until the part is written, so even a
+long part resumes where it stopped. Before an expensive part (or layer) starts, its cost is estimated
 from what the run has measured so far; if it would not fit in what is left of the budget it is
 "left out", with the reason, and the atlas says so. `OUT/atlas.json` (the site's one input) is
 assembled from the stages at the end, and the site is built from it (`atlas/site.py`).
@@ -20,6 +22,7 @@ from typing import Any
 
 from ..errors import UsageError
 from ..labs.stages import run_stage
+from ..scale import TaskStore
 from ..util.io import write_json
 from ..util.progress import progress
 from . import parts as P
@@ -114,12 +117,17 @@ def run_survey(out: str | Path, settings: SurveySettings = SurveySettings(), *, 
             return None
         log(f"{name} ...")
         began = time.perf_counter()
+        # the part's finished tasks (shuffles, render batches, lesion blocks), kept until its stage is written
+        ctx.store = TaskStore(results / "tasks" / _file_name(name), stage_settings)
         try:
             result = run_stage(results, _file_name(name), stage_settings, compute).result
         except UsageError as exc:  # the part does not apply to this model or data: say why, go on
             budget.record(name, "skipped", time.perf_counter() - began, reason=str(exc))
             log(f"skipped {name}: {exc}")
             return None
+        finally:
+            store, ctx.store = ctx.store, None
+        store.clear()
         budget.record(name, "done", time.perf_counter() - began)
         if estimate:
             budget.parts[name]["estimate"] = round(float(estimate), 1)
@@ -190,6 +198,10 @@ def run_survey(out: str | Path, settings: SurveySettings = SurveySettings(), *, 
             budget.record(name, "skipped", reason=why)
             got[name] = None
 
+    try:
+        (results / "tasks").rmdir()   # every part's tasks are written into its stage by now
+    except OSError:
+        pass
     doc = assemble(ctx, settings, got, budget)
     write_json(root / "atlas.json", doc)
     if build:

@@ -155,7 +155,7 @@ def visualization_scores(model: nn.Module, sets: Sequence[tuple[str, Sequence[in
                          steps: int = RENDER_STEPS, lr: float = RENDER_LR, seed: int = 0, transforms="scaled",
                          batch_size: int | None = None, input_shape: Sequence[int] | None = None,
                          device: str | torch.device | None = None, show_progress: bool = False,
-                         runner: Any = None) -> VisualizationScores:
+                         runner: Any = None, store: Any = None) -> VisualizationScores:
     """Render the input that maximizes each (layer, units) set's mean pre-activation and score it.
 
     All sets render in one batched optimization (`batch_size` None) or in chunks, the chunks
@@ -180,7 +180,7 @@ def visualization_scores(model: nn.Module, sets: Sequence[tuple[str, Sequence[in
     objectives = [units(layer, [int(u) for u in members]) for layer, members in sets]
     rendering = render(model, objectives, steps=steps, lr=lr, seed=seed, batch_size=batch_size,
                        transforms=transforms, input_shape=shape, device=device, show_progress=show_progress,
-                       runner=runner)
+                       runner=runner, store=store)
     images = rendering.images
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
     step = batch_size or images.shape[0]
@@ -260,14 +260,15 @@ def coherence(values: Mapping[str, np.ndarray], labels: np.ndarray | None, clust
               unit_scale: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None, steps: int = RENDER_STEPS,
               lr: float = RENDER_LR, transforms="scaled", input_shape: Sequence[int] | None = None,
               device: str | torch.device | None = None, show_progress: bool = False,
-              batch_size: int | None = None, runner: Any = None) -> CoherenceResult:
+              batch_size: int | None = None, runner: Any = None, store: Any = None) -> CoherenceResult:
     """Coherence of every sub-cluster of `clusters` (see the module docstring).
 
     `values` maps each layer to its per-example values [N, units] (all layers over the same
     examples; they also give the layers' sizes); `labels` [N] are the examples' classes
     (needed for "dataset"). "visualization" needs `model` and renders every sub-cluster and
     every random set in one batched call (or `batch_size` at a time, each batch a task on
-    `runner`); `unit_scale` (from `unit_scales`) standardizes its objective.
+    `runner`, kept in `store` when given); `unit_scale` (from `unit_scales`) standardizes its
+    objective.
     """
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -294,7 +295,8 @@ def coherence(values: Mapping[str, np.ndarray], labels: np.ndarray | None, clust
         flat = [(sub.layer, row) for sub, sets in zip(subs, all_sets) for row in sets]
         vis = visualization_scores(model, flat, unit_scale=unit_scale, steps=steps, lr=lr, seed=seed,
                                    transforms=transforms, input_shape=input_shape, device=device,
-                                   show_progress=show_progress, batch_size=batch_size, runner=runner)
+                                   show_progress=show_progress, batch_size=batch_size, runner=runner,
+                                   store=store)
         render_doc = {"steps": steps, "lr": lr, "transforms": _describe(transforms, vis.images.shape),
                       "objective": "standardized" if vis.standardized else "raw", "images": len(flat)}
     tests: list[CoherenceTest] = []

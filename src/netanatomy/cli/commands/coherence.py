@@ -37,13 +37,16 @@ from ..options import (
 @click.option("--batch", type=click.IntRange(1), default=None,
               help="Renders optimized together (visualization), each batch one task (with --ray, one per worker "
                    "at a time); an image is the same for one --batch with or without Ray  [default: all in one].")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the JSON result here.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the JSON result here; finished render batches are kept in OUT.tasks/ until it is "
+                   "written, so a stopped run resumes.")
+@click.option("--restart", is_flag=True, help="Ignore the finished render batches kept beside --out.")
 @seed_option
 @device_option
 @ray_option
 @json_option
 def command(model, weights, model_args, input_shape, clusters_file, data, n_random, kinds, top, limit, steps, batch,
-            out, seed, device, ray, as_json) -> None:
+            out, restart, seed, device, ray, as_json) -> None:
     """Score each sub-cluster's coherence against R random same-size sets of its layer: label
     entropy of its top inputs, correlation of its units, and (--kind visualization) the
     network's prediction entropy on its feature visualization and the objective reached."""
@@ -52,7 +55,8 @@ def command(model, weights, model_args, input_shape, clusters_file, data, n_rand
     from ...specialization.coherence import KINDS, coherence, unit_scales
     from ...specialization.extract import activation_values
     from ...specialization.importance import lesionable_layers
-    from ...util.io import write_json
+    from ...scale import TaskStore
+    from ...util.io import sha256_of, write_json
 
     kind_list = [k.strip() for k in kinds.split(",") if k.strip()]
     kind_list = list(KINDS) if kind_list == ["all"] else kind_list
@@ -71,14 +75,21 @@ def command(model, weights, model_args, input_shape, clusters_file, data, n_rand
                                        input_shape=loaded.input_shape) if layers else ({}, None)
     scales = unit_scales(loaded.module, layers, ds, max_examples=None, seed=seed, device=device,
                          input_shape=loaded.input_shape) if layers and "visualization" in kind_list else None
+    # everything a render batch depends on (the sets come from the clusters, the random count and the seed)
+    config = {"task": "coherence renders", "model": model, "weights": weights, "model_args": list(model_args),
+              "input_shape": list(loaded.input_shape or ()), "clusters": sha256_of(clusters_file), "data": data,
+              "limit": limit, "random": n_random, "seed": seed, "steps": steps, "batch": batch, "device": str(device)}
+    store = TaskStore(out + ".tasks", config, restart=restart) if out and "visualization" in kind_list else None
     with cli_runner(ray, device) as runner:
         result = coherence(values, labels, clusters, n_random=n_random, seed=seed, top=top, kinds=kind_list,
                            num_classes=loaded.num_classes, model=loaded.module, unit_scale=scales, steps=steps,
                            input_shape=loaded.input_shape, device=device, show_progress=True, batch_size=batch,
-                           runner=runner)
+                           runner=runner, store=store)
     doc = {"model": loaded.source, "data": data, "examples": len(ds), **result.to_json()}
     if out:
         write_json(out, doc)
+        if store is not None:
+            store.clear()
     emit(doc, as_json, _human)
 
 
