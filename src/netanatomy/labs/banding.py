@@ -21,8 +21,9 @@ Every (data set, variant, seed) is one task with its own folder OUT/DATA/VARIANT
 `model.pt` (checkpointed every epoch: an interrupted task resumes mid-training),
 `train.json` and `measure.json` (stage results re-used when their settings are unchanged) and
 `weights.png`. Tasks are independent, so `jobs` of them run at once in separate processes
-(or on Ray workers, `scale`), each on one torch thread; a task's numbers do not depend on where or with what it ran. The
-table is OUT/results.json and OUT/results.md, with OUT/banding_index.png.
+(or on Ray workers, `scale`), each on one torch thread; a task's numbers do not depend on
+where or with what it ran. The table is OUT/results.json and OUT/results.md, with
+OUT/banding_index.png.
 """
 from __future__ import annotations
 

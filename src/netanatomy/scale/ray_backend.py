@@ -13,7 +13,6 @@ Ray is an optional dependency (`pip install 'netanatomy[ray]'`); it is imported 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -49,10 +48,6 @@ def _run_task(payload: list[Any], item: Any) -> Any:
         _CACHE[key] = ray.get(ref)
     fn, context = _CACHE[key]
     return fn(context, item)
-
-
-def _worker_pid(_: Any = None) -> int:
-    return os.getpid()
 
 
 class RayRunner:
