@@ -189,3 +189,37 @@ def test_the_banding_lab_on_ray_gives_the_same_table(ray_cluster, tmp_path, caps
 
     assert numbers(there) == numbers(here) and there["runner"] == "ray" and here["runner"] == "in-process"
     assert (tmp_path / "b" / "results.md").is_file()
+
+
+USER_MODEL = '''
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    netanatomy_input_shape = (1, 28, 28)
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3)
+        self.fc1 = nn.Linear(6 * 26 * 26, 24)
+        self.fc2 = nn.Linear(24, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.relu(self.conv(x)).flatten(1))))
+
+
+def build():
+    return Tiny()
+'''
+
+
+def test_a_users_model_file_goes_to_the_workers_by_value(ray_cluster, tmp_path, capsys):
+    """The activation-graph shuffles send the model itself; its class lives in the user's file,
+    imported here under a name a worker cannot import."""
+    (tmp_path / "tiny_model.py").write_text(USER_MODEL)
+    args = ["clusters", f"{tmp_path / 'tiny_model.py'}:build", "--graph", "activations", "--data", "bundled",
+            "--examples", "150", "--k", "3", "--shuffles", "3", "--json"]
+    here = _json_of(capsys, args)
+    there = _json_of(capsys, args + ["--ray", ray_cluster])
+    assert there == here and here["shuffle"]["n"] == 3
