@@ -22,6 +22,9 @@ plain way's (the whole network run NCHW, the layer read by a hook, the channel's
 1e-4 relative. The objective each loop reaches is printed too; the two loops draw different
 random transforms, so equal values are not expected there.
 
+`--device cuda` runs all three on a GPU (benchmarks/gpu_check.sh); there ours renders the whole
+batch at once (no micro-batches) and the ceiling is the same-batch rate.
+
 Last stdout line: one JSON object with benchmark, ours_s, reference_s, speedup, agree and
 ceiling_share (ours / ceiling).
 """
@@ -38,16 +41,17 @@ import torch.nn.functional as F
 LAYER = "block8_expand"
 
 
-def plain_render(model, layer_module, unit: int, steps: int, size: int = 224, seed: int = 0) -> float:
+def plain_render(model, layer_module, unit: int, steps: int, size: int = 224, seed: int = 0,
+                 device: str = "cpu") -> float:
     """Lucent's loop, plainly: one image, NCHW, the whole network run forward every step."""
     g = torch.Generator().manual_seed(seed)
     fy = torch.fft.fftfreq(size)[:, None]
     fx = torch.fft.rfftfreq(size)[None, :]
     freq = torch.sqrt(fx * fx + fy * fy)
-    scale = 1.0 / torch.maximum(freq, torch.tensor(1.0 / size)) ** 1.0
-    spectrum = (torch.randn(1, 3, size, size // 2 + 1, 2, generator=g) * 0.01).requires_grad_(True)
+    scale = (1.0 / torch.maximum(freq, torch.tensor(1.0 / size)) ** 1.0).to(device)
+    spectrum = (torch.randn(1, 3, size, size // 2 + 1, 2, generator=g) * 0.01).to(device).requires_grad_(True)
     colour = torch.tensor([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
-    colour = colour / colour.norm(dim=0).max()
+    colour = (colour / colour.norm(dim=0).max()).to(device)
     optimizer = torch.optim.Adam([spectrum], lr=0.05)
     grabbed = {}
     handle = layer_module.register_forward_hook(lambda m, a, out: grabbed.__setitem__("x", out))
@@ -65,7 +69,7 @@ def plain_render(model, layer_module, unit: int, steps: int, size: int = 224, se
             s = 0.9 + 0.2 * float(torch.rand(1, generator=g))
             img = F.interpolate(img, scale_factor=s, mode="bilinear", align_corners=False)
             a = math.radians(-10 + 20 * float(torch.rand(1, generator=g)))
-            theta = torch.tensor([[[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]]])
+            theta = torch.tensor([[[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]]], device=device)
             grid = F.affine_grid(theta, list(img.shape), align_corners=False)
             img = F.grid_sample(img, grid, align_corners=False)
             dx, dy = (int(v) for v in torch.randint(0, 5, (2,), generator=g))
@@ -81,7 +85,13 @@ def plain_render(model, layer_module, unit: int, steps: int, size: int = 224, se
     return value
 
 
-def ceiling_rate(model, layer_module, batch: int, steps: int, channels_last: bool, size: int = 224) -> float:
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def ceiling_rate(model, layer_module, batch: int, steps: int, channels_last: bool, size: int = 224,
+                 device: str = "cpu") -> float:
     """forward (stopped at the layer) + backward to the input, image-steps per second."""
     from netanatomy.models.layout import channels_last as layout
 
@@ -94,7 +104,7 @@ def ceiling_rate(model, layer_module, batch: int, steps: int, channels_last: boo
         grabbed["x"] = out
         raise Stop
 
-    x = torch.rand(batch, 3, size, size)
+    x = torch.rand(batch, 3, size, size, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
@@ -106,6 +116,7 @@ def ceiling_rate(model, layer_module, batch: int, steps: int, channels_last: boo
         with layout(model, enabled=channels_last):
             for i in range(steps + 1):
                 if i == 1:
+                    _sync(device)
                     started = time.perf_counter()
                 try:
                     model(x)
@@ -113,6 +124,7 @@ def ceiling_rate(model, layer_module, batch: int, steps: int, channels_last: boo
                     pass
                 grabbed["x"].mean().backward()
                 x.grad = None
+        _sync(device)
         elapsed = time.perf_counter() - started
     finally:
         handle.remove()
@@ -128,6 +140,7 @@ def main() -> None:
     parser.add_argument("--reference-units", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="8 units, 4 steps, 1 reference unit")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (benchmarks/gpu_check.sh)")
     args = parser.parse_args()
     if args.quick:
         args.units, args.steps, args.reference_units = 8, 4, 1
@@ -140,31 +153,33 @@ def main() -> None:
 
     from netanatomy.models.layers import discover_layers
 
-    model = load_model("zoo:mobilenet_v2-imagenet").module.eval()
+    dev = torch.device(args.device)
+    model = load_model("zoo:mobilenet_v2-imagenet", device=dev).module.eval()
     layer_map = discover_layers(model)
     # the values a render maximizes by default: pre-activation (after the conv's batch norm)
     layer_module = model.get_submodule(layer_map.resolve(LAYER).pre[0].module)
     objectives = [channel(LAYER, u) for u in range(args.units)]
-    render(model, objectives[:2], steps=1, seed=0, show_progress=False)             # warm-up
+    render(model, objectives[:2], steps=1, seed=0, show_progress=False, device=dev)  # warm-up
 
     started = time.perf_counter()
-    ref_values = [plain_render(model, layer_module, u, args.steps, seed=u) for u in range(args.reference_units)]
+    ref_values = [plain_render(model, layer_module, u, args.steps, seed=u, device=dev)
+                  for u in range(args.reference_units)]
     ref_per_unit = (time.perf_counter() - started) / args.reference_units
     reference_s = ref_per_unit * args.units
 
     started = time.perf_counter()
-    ours = render(model, objectives, steps=args.steps, seed=0, show_progress=False)
+    ours = render(model, objectives, steps=args.steps, seed=0, show_progress=False, device=dev)
     ours_s = time.perf_counter() - started
 
     from netanatomy.visualize.render import micro_batch
 
-    cl = prefers_channels_last(model, torch.device("cpu"))
+    cl = prefers_channels_last(model, dev)
     micro = micro_batch(objectives, layer_map, {LAYER: layer_map.resolve(LAYER)}, layer_map.input_shape,
-                        (224, 224), torch.device("cpu")) or args.units
+                        (224, 224), dev) or args.units
     micro = min(micro, args.units)
     reps = max(2, min(args.steps, 8))
-    ceiling_same = ceiling_rate(model, layer_module, args.units, reps, cl)
-    ceiling_micro = ceiling_rate(model, layer_module, micro, reps * max(1, args.units // micro), cl)
+    ceiling_same = ceiling_rate(model, layer_module, args.units, reps, cl, device=dev)
+    ceiling_micro = ceiling_rate(model, layer_module, micro, reps * max(1, args.units // micro), cl, device=dev)
     ceiling = max(ceiling_same, ceiling_micro)
     ours_rate = args.units * args.steps / ours_s
     ref_rate = args.steps / ref_per_unit
@@ -172,10 +187,10 @@ def main() -> None:
     handle = layer_module.register_forward_hook(lambda m, a, out: grabbed.__setitem__("x", out))
     try:
         with torch.no_grad():
-            model(ours.images.contiguous())
+            model(ours.images.contiguous().to(dev))
     finally:
         handle.remove()
-    plain_values = grabbed["x"].mean((2, 3)).diagonal().double()
+    plain_values = grabbed["x"].mean((2, 3)).diagonal().double().cpu()
     ours_values = torch.as_tensor(ours.values, dtype=torch.float64)
     rel = float(((ours_values - plain_values).abs() / plain_values.abs().clamp_min(1e-6)).max())
     agree = rel < 1e-4
@@ -195,7 +210,7 @@ def main() -> None:
         "ours_image_steps_per_s": round(ours_rate, 2), "reference_image_steps_per_s": round(ref_rate, 2),
         "ceiling_image_steps_per_s": round(ceiling, 2), "ceiling_same_batch": round(ceiling_same, 2),
         "ceiling_micro_batch": round(ceiling_micro, 2), "micro_batch": micro, "units": args.units, "steps": args.steps,
-        "threads": torch.get_num_threads(), "max_rel_value_diff": rel,
+        "threads": torch.get_num_threads(), "max_rel_value_diff": rel, "device": str(dev),
     }))
 
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: the GPU-marked tests and the GPU benchmarks on a CUDA device, with their figures.
 #
-#   bash benchmarks/gpu_check.sh            # from the repository root or anywhere
+#   bash benchmarks/gpu_check.sh            # on the GPU machine (from the repository root or anywhere)
+#   bash benchmarks/gpu_check.sh --prepare  # here, before: the ImageNet weights into .gpu/ (git-ignored),
+#                                           # to carry to a bare GPU machine (the device tool's carry: [".gpu"])
 #
 # Sized to finish within 8 minutes on one GPU (each step has its own time limit below), so that
 # a GPU machine lent for about 15 minutes, start-up included, leaves room for a re-run. It uses
@@ -9,11 +11,21 @@
 # and runs netanatomy from src/ (nothing to install). ImageNet weights: the zoo finds them in the
 # installed packages or in torch's cache; a folder .gpu/ holding mobilenet_v2-b0353104.pth and
 # efficientnet-lite0-57934424.pth is copied into that cache first (carry it to a bare machine).
-# The CPU-only benchmarks (the lesion evaluator's float64 certification, bench_render_imagenet's
-# CPU ceiling, the CPU reference loops of NMF, CKA, clustering) are not run here.
+# The CPU-only benchmarks (the lesion evaluator's float64 certification, the CPU reference loops
+# of NMF, CKA, clustering, banding) are not run here.
 # Output: each step's lines, then a summary block; the exit status is non-zero when a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--prepare" ]; then
+  mkdir -p .gpu
+  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+  for f in mobilenet_v2-b0353104.pth efficientnet-lite0-57934424.pth; do
+    src=$(find .venv/lib -name "$f" 2>/dev/null | head -1)
+    [ -n "$src" ] && cp "$src" .gpu/ && echo "gpu_check: .gpu/$f"
+  done
+  exit 0
+fi
 
 PY=python3
 if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
@@ -25,7 +37,7 @@ if ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   exit 2
 fi
 if [ -d .gpu ]; then
-  cache="${TORCH_HOME:-$HOME/.cache/torch}/hub/checkpoints"
+  cache="$($PY -c 'import torch.hub; print(torch.hub.get_dir())')/checkpoints"
   mkdir -p "$cache" && cp -n .gpu/*.pth "$cache"/ 2>/dev/null || true
 fi
 $PY - <<'EOF'
@@ -47,11 +59,13 @@ step() {  # step NAME SECONDS COMMAND...
   return 0
 }
 
-step "GPU tests" 200 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts=-ra
-step "render batched vs alone (bench_render)" 60 \
+step "GPU tests" 180 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -o addopts=-ra
+step "render batched vs alone (bench_render)" 45 \
   $PY benchmarks/bench_render.py --device cuda --configs 1x28x28,3x64x64 --units 64 --steps 64 --threads 4
 step "InceptionV1, every mixed-layer unit (bench_render_inception)" 150 \
   $PY benchmarks/bench_render_inception.py --device cuda --units 128 --steps 32
+step "MobileNetV2 at 224 px vs the plain loop (bench_render_imagenet)" 75 \
+  $PY benchmarks/bench_render_imagenet.py --device cuda --units 32 --steps 64 --reference-units 2
 
 echo "=== summary: $(( $(date +%s) - started )) s in all"
 if [ ${#failed[@]} -gt 0 ]; then
