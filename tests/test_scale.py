@@ -223,3 +223,25 @@ def test_a_users_model_file_goes_to_the_workers_by_value(ray_cluster, tmp_path, 
     here = _json_of(capsys, args)
     there = _json_of(capsys, args + ["--ray", ray_cluster])
     assert there == here and here["shuffle"]["n"] == 3
+
+
+@pytest.mark.parametrize("lab", ["specialization", "branches"])
+def test_the_seed_labs_on_ray_give_the_same_rows(lab, ray_cluster, tmp_path, capsys):
+    args = ["lab", lab, "--quick", "--json"]
+    here = _json_of(capsys, args + ["--out", str(tmp_path / "a")])
+    there = _json_of(capsys, args + ["--out", str(tmp_path / "b"), "--ray", ray_cluster])
+
+    def numbers(doc):
+        return [{k: v for k, v in row.items() if k not in ("seconds", "reused")} for row in doc["rows"]]
+
+    assert numbers(there) == numbers(here) and here["rows"]
+
+
+def test_coherence_renders_on_ray_give_the_same_json(ray_cluster, tmp_path, capsys):
+    clusters = tmp_path / "c.json"
+    assert run(["clusters", "zoo:mlp-fmnist", "--k", "6", "--shuffles", "0", "--out", str(clusters)]) == 0
+    args = ["coherence", "zoo:mlp-fmnist", "--clusters", str(clusters), "--data", "bundled", "--random", "3",
+            "--kind", "all", "--steps", "8", "--batch", "8", "--limit", "300", "--json"]
+    here = _json_of(capsys, args)
+    there = _json_of(capsys, args + ["--ray", ray_cluster])
+    assert there == here and here["render"]["images"] > 8   # several render tasks
