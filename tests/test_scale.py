@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from netanatomy.cli.main import run
+from netanatomy.errors import UsageError
 from netanatomy.scale import InProcess, Processes, TaskStore, map_tasks
 
 
@@ -245,3 +246,17 @@ def test_coherence_renders_on_ray_give_the_same_json(ray_cluster, tmp_path, caps
     here = _json_of(capsys, args)
     there = _json_of(capsys, args + ["--ray", ray_cluster])
     assert there == here and here["render"]["images"] > 8   # several render tasks
+
+
+def test_a_folder_that_is_not_a_store_is_never_removed(tmp_path):
+    folder = tmp_path / "c.json.tasks"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("months of work")
+    with pytest.raises(UsageError, match="in the way"):
+        TaskStore(folder, {"run": 1})
+    assert (folder / "thesis.tex").read_text() == "months of work"
+    # keys that differ only in characters a file name cannot hold get files of their own
+    store = TaskStore(tmp_path / "s", {})
+    store.put("a/b", {"v": np.asarray(1)})
+    store.put("a_b", {"v": np.asarray(2)})
+    assert int(store.get("a/b")["v"]) == 1 and int(store.get("a_b")["v"]) == 2

@@ -11,6 +11,7 @@ from elsewhere cannot run code.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UsageError
 from ..util.io import atomic_open, read_json, to_jsonable, write_json
 
 _JSON_KEY = "__json__"
@@ -28,7 +30,14 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.=-]")
 
 def _file_name(key: str) -> str:
     safe = _SAFE.sub("_", key)
+    if safe != key:   # two keys that differ only in replaced characters must not share a file
+        safe += "-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:10]
     return f"{safe}.npz"
+
+
+def _ours(folder: Path) -> bool:
+    """A folder holding only what a store writes (its config, task files, temporary files)."""
+    return all(p.is_file() and (p.name == "config.json" or p.suffix in (".npz", ".tmp")) for p in folder.iterdir())
 
 
 class TaskStore:
@@ -44,9 +53,14 @@ class TaskStore:
             write_json(self.folder / "config.json", self.config)
 
     def clear(self) -> None:
-        """Remove the store (and every task file in it)."""
-        if self.folder.is_dir():
-            shutil.rmtree(self.folder)
+        """Remove the store (and every task file in it); a folder that holds anything else is
+        not a store and is never removed."""
+        if not self.folder.exists():
+            return
+        if not self.folder.is_dir() or not _ours(self.folder):
+            raise UsageError(f"{self.folder} is in the way of this run's task store and holds other files; "
+                             "move it, or write the result elsewhere")
+        shutil.rmtree(self.folder)
 
     def path(self, key: str) -> Path:
         return self.folder / _file_name(key)
