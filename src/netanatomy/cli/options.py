@@ -11,8 +11,9 @@ import click
 from ..util.io import dumps
 from .boundary import check_output, load_cli_model, open_cli_data, parse_shape, read_cli_clusters
 
-__all__ = ["check_output", "comma_list", "device_option", "emit", "input_shape_option", "json_option", "load_cli_model",
-           "model_argument", "open_cli_data", "parse_shape", "parse_units", "ray_option", "cli_runner", "read_cli_clusters", "seed_option"]
+__all__ = ["check_output", "cli_runner", "cli_task_store", "comma_list", "device_option", "emit", "input_shape_option",
+           "json_option", "load_cli_model", "model_argument", "open_cli_data", "parse_shape", "parse_units",
+           "ray_option", "read_cli_clusters", "seed_option"]
 
 
 def json_option(f: Callable) -> Callable:
@@ -59,9 +60,18 @@ def cli_runner(ray: str | None, device: Any = None, jobs: int = 1) -> Iterator[A
         try:
             yield runner
         finally:
-            close = getattr(runner, "close", None)
-            if close is not None:
-                close()
+            runner.close()
+
+
+def cli_task_store(path: Any, task: str, model: str, weights: str | None, model_args: tuple[str, ...], loaded: Any,
+                   *, restart: bool = False, **settings: Any) -> Any:
+    """The task store of a command's run: keyed by the model as the user named it (source,
+    weights, arguments, input shape) and by `settings`, everything else a task's result depends on."""
+    from ..scale import TaskStore
+
+    config = {"task": task, "model": model, "weights": weights, "model_args": list(model_args),
+              "input_shape": list(loaded.input_shape or ()), **settings}
+    return TaskStore(path, config, restart=restart)
 
 
 def seed_option(f: Callable) -> Callable:

@@ -41,9 +41,9 @@ import torch
 from ..errors import UsageError, suggest
 from ..models.zoo.bandingnet import VARIANTS
 from ..util.figures import pyplot
-from ..util.io import file_stem, save_figure, write_json, write_text
 from ..scale import Runner
-from .stages import StageResult, fmt, machine_record, run_stage, train_stage, with_overrides
+from ..util.io import file_stem, save_figure, write_json, write_text
+from .stages import StageResult, fmt, machine_record, quiet, run_stage, train_stage, with_overrides
 
 MODEL = "zoo:bandingnet"
 SCORED_GROUPS = (4, 5, 6)           # the last three conv groups (the study's 4?, 5a, 5b)
@@ -280,7 +280,7 @@ def run_task(out: str | Path, task: Task, settings: BandingSettings, *, device: 
     """
     from ..util.devices import one_thread, resolve_device
 
-    say = log or (lambda _: None)
+    say = log or quiet
     out = Path(out)
     data = data or _cached_data(task.data, settings)
     dev = resolve_device(device)
@@ -352,13 +352,13 @@ def run_banding(out: str | Path, settings: BandingSettings = FULL, *, device: st
     instead, each worker writing its networks into `out`, which the workers must share. `data`
     maps a spec to its opened splits when the caller has opened them to check them first.
     """
-    from ..scale import InProcess, make_runner, map_tasks
+    from ..scale import make_runner, map_tasks, runs_here
     from ..util.progress import progress
 
     settings = settings.checked()
     if jobs < 1:
         raise UsageError(f"jobs must be at least 1, got {jobs}")
-    say = log or (lambda _: None)
+    say = log or quiet
     began = time.perf_counter()
     data = dict(data or {})
     for spec in settings.data:
@@ -369,7 +369,7 @@ def run_banding(out: str | Path, settings: BandingSettings = FULL, *, device: st
     tasks = tasks_of(settings)
     bar = progress(total=len(tasks), desc="lab banding", unit="net", disable=None if show_progress else True)
     runner = runner or make_runner(jobs=jobs)
-    here = isinstance(runner, InProcess)   # bars and log lines only from this process
+    here = runs_here(runner)   # bars and log lines only from this process
     context = (str(out), settings, str(device), data, show_progress and here, say if here else None)
     try:
         ordered = map_tasks(_lab_task, tasks, context=context, runner=runner, on_result=lambda t, r: bar.update(1))

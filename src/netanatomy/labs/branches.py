@@ -42,9 +42,9 @@ from torch import Tensor
 from ..errors import UsageError
 from ..util.devices import one_thread
 from ..util.figures import pyplot
-from ..util.io import write_json, write_text
 from ..scale import Runner
-from .stages import StageResult, fmt, machine_record, run_stage, train_stage, with_overrides
+from ..util.io import write_json, write_text
+from .stages import StageResult, fmt, machine_record, quiet, run_stage, train_stage, with_overrides
 
 MODEL = "zoo:alexnet"
 ARMS = ("split", "unsplit")
@@ -377,10 +377,6 @@ def _seed_task(context: tuple[Path, BranchesSettings, LabData, str, bool, Callab
     return seed_row(seed, stages)
 
 
-def _quiet(_: str) -> None:
-    pass
-
-
 def run_branches(out: str | Path, settings: BranchesSettings = FULL, *, device: str | torch.device = "cpu",
                  show_progress: bool = True, log: Callable[[str], None] | None = None, command: str | None = None,
                  data: LabData | None = None, runner: Runner | None = None) -> dict[str, Any]:
@@ -391,18 +387,18 @@ def run_branches(out: str | Path, settings: BranchesSettings = FULL, *, device: 
     here, in turn); on Ray each seed runs on one worker and writes into `out`, which the workers
     must share.
     """
-    from ..scale import InProcess, map_tasks
+    from ..scale import map_tasks, runs_here
     from ..util.devices import resolve_device
 
     settings = settings.checked()
     dev = resolve_device(device)
-    say = log or (lambda _: None)
+    say = log or quiet
     began = time.perf_counter()
     data = data or open_lab_data(settings)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    here = runner is None or isinstance(runner, InProcess)
-    context = (out, settings, data, str(dev), show_progress and here, say if here else _quiet)
+    here = runs_here(runner)
+    context = (out, settings, data, str(dev), show_progress and here, say if here else quiet)
     rows = map_tasks(_seed_task, list(settings.seeds), context=context, runner=runner)
     doc = {
         "lab": "branches",

@@ -29,9 +29,9 @@ import torch
 
 from ..errors import UsageError
 from ..util.io import read_json, write_json, write_text
+from ..scale import Runner, TaskStore
 from ..util.progress import progress
-from ..scale import Runner
-from .stages import StageResult, fmt, machine_record, run_stage, with_overrides
+from .stages import StageResult, fmt, machine_record, quiet, run_stage, with_overrides
 
 MODEL = "zoo:mlp"
 NUM_CLASSES = 10
@@ -182,13 +182,10 @@ def _cluster_stage(run: SeedRun, settings: LabSettings, module, layer_map, show:
 
     stage_settings = {"after": run.stages["train"].key, "graph": "weights", "k": settings.k,
                       "shuffles": settings.shuffles, "method": "layer", "n_init": settings.n_init, "seed": run.seed}
-    store_folder = run.folder / "clusters.tasks"
+    # a shuffle's n-cut does not depend on how many there are: a longer run re-uses a shorter one's
+    store = TaskStore(run.folder / "clusters.tasks", {k: v for k, v in stage_settings.items() if k != "shuffles"})
 
     def compute() -> dict[str, Any]:
-        from ..scale import TaskStore
-
-        # a shuffle's n-cut does not depend on how many there are: a longer run re-uses a shorter one's
-        store = TaskStore(store_folder, {k: v for k, v in stage_settings.items() if k != "shuffles"})
         done = store.done()
         log(f"seed {run.seed}: clustering (k={settings.k}) and {settings.shuffles} shuffled networks"
             + (f", {done} done before" if done else ""))
@@ -202,10 +199,7 @@ def _cluster_stage(run: SeedRun, settings: LabSettings, module, layer_map, show:
         return {**result.to_json(), "ncuts": result.result.shuffle.ncuts}
 
     stage = run_stage(run.folder, "clusters", stage_settings, compute)
-    if store_folder.is_dir():
-        import shutil
-
-        shutil.rmtree(store_folder)
+    store.clear()
     return stage
 
 
@@ -307,10 +301,6 @@ def _seed_task(context: tuple[Path, LabSettings, LabData, Any, bool, Callable[[s
     return seed_row(seed, run.stages)
 
 
-def _quiet(_: str) -> None:
-    pass
-
-
 def run_specialization(out: str | Path, settings: LabSettings = FULL, *, device: str | torch.device = "cpu",
                        show_progress: bool = True, log: Callable[[str], None] | None = None,
                        command: str | None = None, runner: Runner | None = None) -> dict[str, Any]:
@@ -320,12 +310,12 @@ def run_specialization(out: str | Path, settings: LabSettings = FULL, *, device:
     Seeds are tasks on `runner` (default: here, one after the other); elsewhere (Ray) each seed
     runs on one worker and writes its stages into `out`, which the workers must share.
     """
-    from ..scale import InProcess, map_tasks
+    from ..scale import map_tasks, runs_here
     from ..util.devices import resolve_device
 
     settings = settings.checked()
     dev = resolve_device(device)
-    say = log or (lambda _: None)
+    say = log or quiet
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
@@ -333,8 +323,8 @@ def run_specialization(out: str | Path, settings: LabSettings = FULL, *, device:
     if data.note:
         say(data.note)
     settings, command = record_data_used(settings, data, command)
-    here = runner is None or isinstance(runner, InProcess)
-    context = (out, settings, data, str(dev), show_progress and here, say if here else _quiet)
+    here = runs_here(runner)
+    context = (out, settings, data, str(dev), show_progress and here, say if here else quiet)
     rows = map_tasks(_seed_task, list(settings.seeds), context=context, runner=runner)
     doc = {
         "lab": "specialization",

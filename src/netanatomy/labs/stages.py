@@ -19,6 +19,10 @@ from typing import Any
 from ..util.io import dumps, write_json
 
 
+def quiet(_: str) -> None:
+    """The log of a lab run without one (and of tasks that run in other processes)."""
+
+
 def settings_key(settings: dict[str, Any]) -> str:
     """A short, stable hash of JSON-able settings (key order does not matter)."""
     text = json.dumps(json.loads(dumps(settings, indent=None)), sort_keys=True, separators=(",", ":"))

@@ -1,5 +1,5 @@
 """Many tasks, one mechanism: run them here, in local processes, or on Ray (see runner.py)."""
-from .runner import InProcess, Processes, Runner, make_runner, map_tasks
+from .runner import InProcess, Processes, Runner, make_runner, map_tasks, runs_here
 from .store import TaskStore
 
-__all__ = ["InProcess", "Processes", "Runner", "TaskStore", "make_runner", "map_tasks"]
+__all__ = ["InProcess", "Processes", "Runner", "TaskStore", "make_runner", "map_tasks", "runs_here"]

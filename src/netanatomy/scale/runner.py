@@ -37,6 +37,13 @@ class Runner(Protocol):
 
     def run(self, fn: TaskFn, context: Any, items: Sequence[Any]) -> Iterator[tuple[int, Any]]: ...
 
+    def close(self) -> None: ...
+
+
+def runs_here(runner: Runner | None) -> bool:
+    """Whether tasks run in this process (so they may draw progress bars and log lines)."""
+    return runner is None or isinstance(runner, InProcess)
+
 
 @dataclass
 class InProcess:
@@ -47,6 +54,9 @@ class InProcess:
     def run(self, fn: TaskFn, context: Any, items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         for i, item in enumerate(items):
             yield i, fn(context, item)
+
+    def close(self) -> None:
+        pass
 
 
 _WORKER: dict[str, Any] = {}
@@ -66,6 +76,9 @@ class Processes:
 
     jobs: int
     name: str = "processes"
+
+    def close(self) -> None:
+        pass   # the pool lives only as long as one run()
 
     def run(self, fn: TaskFn, context: Any, items: Sequence[Any]) -> Iterator[tuple[int, Any]]:
         import multiprocessing

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -22,14 +21,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import UsageError
-from ..util.io import atomic_open, read_json, to_jsonable, write_json
+from ..util.io import atomic_open, file_stem, read_json, to_jsonable, write_json
 
 _JSON_KEY = "__json__"
-_SAFE = re.compile(r"[^A-Za-z0-9_.=-]")
 
 
 def _file_name(key: str) -> str:
-    safe = _SAFE.sub("_", key)
+    safe = file_stem(key)
     if safe != key:   # two keys that differ only in replaced characters must not share a file
         safe += "-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:10]
     return f"{safe}.npz"

@@ -239,20 +239,21 @@ class LesionContext:
     seed: int
     precision: str
     masks: dict[str, np.ndarray]
+    # (layer, its evaluator) in the process that runs the tasks; never sent to a worker
+    cached: tuple[str, LesionEvaluator] | None = field(default=None, repr=False, compare=False)
 
     def evaluator(self, layer_name: str) -> LesionEvaluator:
         """The layer's evaluator, kept while tasks of the same layer follow (one at a time: its
         prefix activations are the size of the data)."""
-        cached = self.__dict__.get("_evaluator")
-        if cached is None or cached[0] != layer_name:
-            evaluator = LesionEvaluator(self.model, self.layers[layer_name], self.x, self.y,
-                                        num_classes=self.num_classes, batch_size=self.batch_size, device=self.device,
-                                        exact=self.exact, refine=True, check_seed=self.seed, precision=self.precision)
-            self.__dict__["_evaluator"] = cached = (layer_name, evaluator)
-        return cached[1]
+        if self.cached is None or self.cached[0] != layer_name:
+            self.cached = (layer_name, LesionEvaluator(
+                self.model, self.layers[layer_name], self.x, self.y, num_classes=self.num_classes,
+                batch_size=self.batch_size, device=self.device, exact=self.exact, refine=True, check_seed=self.seed,
+                precision=self.precision))
+        return self.cached[1]
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_evaluator"}
+        return {**self.__dict__, "cached": None}
 
 
 def _lesion_task(context: LesionContext, item: tuple[str, int, int]) -> dict[str, Any]:

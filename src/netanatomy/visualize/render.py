@@ -31,7 +31,7 @@ from ..errors import UsageError
 from ..models.layers import Layer, discover_layers
 from ..models.layout import channels_last as layout_channels_last
 from ..models.layout import prefers_channels_last
-from ..scale import InProcess, Runner, TaskStore, map_tasks
+from ..scale import Runner, TaskStore, map_tasks, runs_here
 from ..util.devices import resolve_device
 from ..util.progress import progress
 from ..util.seeding import derive
@@ -119,7 +119,7 @@ def render(model: nn.Module, objectives: Objective | str | Sequence[Objective | 
 
     chunks = [(i, min(i + batch_size, len(objs))) for i in range(0, len(objs), batch_size)]
     bar = progress(total=steps * len(chunks), desc="render", unit="step", disable=None if show_progress else True)
-    here = runner is None or isinstance(runner, InProcess)
+    here = runs_here(runner)
     job = RenderJob(model, objs, seeds, layers, stage, steps, lr, hw, n_channels, param, decorrelate, decay_power,
                     config, dev, micro_batch(objs, layer_map, layers, shape, hw, dev), param_size,
                     bar if here else None)

@@ -5,6 +5,8 @@ import click
 
 from ..options import (
     check_output,
+    cli_runner,
+    cli_task_store,
     device_option,
     emit,
     input_shape_option,
@@ -12,7 +14,6 @@ from ..options import (
     load_cli_model,
     model_argument,
     open_cli_data,
-    cli_runner,
     ray_option,
     seed_option,
 )
@@ -48,7 +49,6 @@ def command(model, weights, model_args, input_shape, graph_kind, data, k, shuffl
     from ...errors import UsageError
     from ...models.layers import discover_layers
     from ...specialization.clusters import activation_graph_bytes, activation_layers, cluster_model
-    from ...scale import TaskStore
     from ...util.io import write_json
     from ...util.progress import progress
     from ..boundary import check_memory
@@ -71,10 +71,9 @@ def command(model, weights, model_args, input_shape, graph_kind, data, k, shuffl
                      "choose fewer layers with --layers A,B or fewer examples with --examples N")
 
     # what one shuffle's n-cut depends on (not the number of shuffles: a longer run re-uses a shorter one's)
-    config = {"task": "clusters shuffle", "model": model, "weights": weights, "model_args": list(model_args),
-              "input_shape": list(loaded.input_shape or ()), "graph": graph_kind, "data": data, "k": k,
-              "method": shuffle_method, "seed": seed, "n_init": n_init, "examples": examples, "layers": layer_names}
-    store = TaskStore(out + ".tasks", config, restart=restart) if out else None
+    store = cli_task_store(out + ".tasks", "clusters shuffle", model, weights, model_args, loaded, restart=restart,
+                           graph=graph_kind, data=data, k=k, method=shuffle_method, seed=seed, n_init=n_init,
+                           examples=examples, layers=layer_names) if out else None
     bar = progress(total=shuffles, desc="shuffles", unit="net")
     try:
         with cli_runner(ray, device) as runner:

@@ -5,6 +5,8 @@ import click
 
 from ..options import (
     check_output,
+    cli_runner,
+    cli_task_store,
     device_option,
     emit,
     input_shape_option,
@@ -12,9 +14,8 @@ from ..options import (
     load_cli_model,
     model_argument,
     open_cli_data,
-    read_cli_clusters,
-    cli_runner,
     ray_option,
+    read_cli_clusters,
     seed_option,
 )
 
@@ -55,7 +56,6 @@ def command(model, weights, model_args, input_shape, clusters_file, data, n_rand
     from ...specialization.coherence import KINDS, coherence, unit_scales
     from ...specialization.extract import activation_values
     from ...specialization.importance import lesionable_layers
-    from ...scale import TaskStore
     from ...util.io import sha256_of, write_json
 
     kind_list = [k.strip() for k in kinds.split(",") if k.strip()]
@@ -76,10 +76,11 @@ def command(model, weights, model_args, input_shape, clusters_file, data, n_rand
     scales = unit_scales(loaded.module, layers, ds, max_examples=None, seed=seed, device=device,
                          input_shape=loaded.input_shape) if layers and "visualization" in kind_list else None
     # everything a render batch depends on (the sets come from the clusters, the random count and the seed)
-    config = {"task": "coherence renders", "model": model, "weights": weights, "model_args": list(model_args),
-              "input_shape": list(loaded.input_shape or ()), "clusters": sha256_of(clusters_file), "data": data,
-              "limit": limit, "random": n_random, "seed": seed, "steps": steps, "batch": batch, "device": str(device)}
-    store = TaskStore(out + ".tasks", config, restart=restart) if out and "visualization" in kind_list else None
+    store = None
+    if out and "visualization" in kind_list:
+        store = cli_task_store(out + ".tasks", "coherence renders", model, weights, model_args, loaded,
+                               restart=restart, clusters=sha256_of(clusters_file), data=data, limit=limit,
+                               random=n_random, seed=seed, steps=steps, batch=batch, device=str(device))
     with cli_runner(ray, device) as runner:
         result = coherence(values, labels, clusters, n_random=n_random, seed=seed, top=top, kinds=kind_list,
                            num_classes=loaded.num_classes, model=loaded.module, unit_scale=scales, steps=steps,

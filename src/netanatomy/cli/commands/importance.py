@@ -5,6 +5,8 @@ import click
 
 from ..options import (
     check_output,
+    cli_runner,
+    cli_task_store,
     device_option,
     emit,
     input_shape_option,
@@ -12,9 +14,8 @@ from ..options import (
     load_cli_model,
     model_argument,
     open_cli_data,
-    read_cli_clusters,
-    cli_runner,
     ray_option,
+    read_cli_clusters,
     seed_option,
 )
 
@@ -43,7 +44,6 @@ def command(model, weights, model_args, input_shape, clusters_file, data, n_rand
     """Silence each sub-cluster (a cluster's units in one layer) and R random same-size sets of its
     layer; report the accuracy drop, class specificity and effect factor with p, q and Fisher."""
     from ...models.layers import discover_layers
-    from ...scale import TaskStore
     from ...specialization.importance import TASK_MASKS, importance
     from ...util.io import sha256_of, write_json
     from ...util.progress import progress
@@ -55,11 +55,9 @@ def command(model, weights, model_args, input_shape, clusters_file, data, n_rand
     clusters = read_cli_clusters(clusters_file, loaded, layer_map)
     x, y = ds.tensors()
     # everything a lesion task's counts depend on
-    config = {"task": "importance lesions", "model": model, "weights": weights, "model_args": list(model_args),
-              "input_shape": list(loaded.input_shape or ()), "clusters": sha256_of(clusters_file), "data": data,
-              "limit": limit, "random": n_random, "seed": seed, "batch_size": batch_size, "exact": exact,
-              "task_masks": TASK_MASKS}
-    store = TaskStore(out + ".tasks", config, restart=restart) if out else None
+    store = cli_task_store(out + ".tasks", "importance lesions", model, weights, model_args, loaded, restart=restart,
+                           clusters=sha256_of(clusters_file), data=data, limit=limit, random=n_random, seed=seed,
+                           batch_size=batch_size, exact=exact, task_masks=TASK_MASKS) if out else None
     bar = progress(desc="lesions", unit="layer")
     try:
         with cli_runner(ray, device) as runner:

@@ -9,6 +9,8 @@ from ...util.io import file_stem
 
 from ..options import (
     check_output,
+    cli_runner,
+    cli_task_store,
     device_option,
     emit,
     input_shape_option,
@@ -16,7 +18,6 @@ from ..options import (
     load_cli_model,
     model_argument,
     parse_units,
-    cli_runner,
     ray_option,
     seed_option,
 )
@@ -82,7 +83,6 @@ def command(model, weights, model_args, input_shape, layer, units, objectives, s
     from ...errors import UsageError
     from ...models import logits_layer
     from ...models.layers import discover_layers
-    from ...scale import TaskStore
     from ...util.io import save_png, write_json
     from ...visualize import TransformConfig, channel, parse_objective, render
     from ...visualize.sheet import contact_sheet, to_hwc
@@ -109,11 +109,9 @@ def command(model, weights, model_args, input_shape, layer, units, objectives, s
         layer_name = resolved.name
     out_dir = Path(out)
     # everything a batch's images depend on
-    config = {"task": "render", "model": model, "weights": weights, "model_args": list(model_args),
-              "input_shape": list(loaded.input_shape or ()), "objectives": [o.name for o in objs], "steps": steps,
-              "batch": batch, "lr": lr, "param": param, "size": size, "param_size": param_size, "stage": stage,
-              "transforms": transforms, "seed": seed, "device": str(device)}
-    store = TaskStore(out_dir / "render.tasks", config, restart=restart)
+    store = cli_task_store(out_dir / "render.tasks", "render", model, weights, model_args, loaded, restart=restart,
+                           objectives=[o.name for o in objs], steps=steps, batch=batch, lr=lr, param=param, size=size,
+                           param_size=param_size, stage=stage, transforms=transforms, seed=seed, device=str(device))
     started = time.perf_counter()
     with cli_runner(ray, device) as runner:
         result = render(module, objs, steps=steps, lr=lr, seed=seed, batch_size=batch, size=size, param=param,

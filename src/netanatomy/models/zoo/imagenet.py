@@ -129,8 +129,6 @@ def find_weights(spec: PackagedWeights, given: str | os.PathLike | None = None) 
     )
 
 
-
-
 def check_weights(spec: PackagedWeights, path: str | os.PathLike, given: bool = False) -> None:
     """UsageError unless `path` is byte-identical to the file `spec` names."""
     got = sha256_of(path)
