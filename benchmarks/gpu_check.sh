@@ -9,8 +9,10 @@
 # a GPU machine lent for about 15 minutes, start-up included, leaves room for a re-run. It uses
 # .venv/bin/python when that torch sees CUDA, else python3 (a machine with its own CUDA torch),
 # and runs netanatomy from src/ (nothing to install). ImageNet weights: the zoo finds them in the
-# installed packages or in torch's cache; a folder .gpu/ holding mobilenet_v2-b0353104.pth and
-# efficientnet-lite0-57934424.pth is copied into that cache first (carry it to a bare machine).
+# installed packages or in torch's cache; a folder .gpu/ holding mobilenet_v2-b0353104.pth is
+# copied into that cache first (carry it to a bare machine). The GPU tests need no other weight
+# file: the device tool carries 64 MiB in all, and the repository is about 50 of them.
+# NETANATOMY_DEBUG=1: a failing command prints its traceback (there is no time to re-run it).
 # The CPU-only benchmarks (the lesion evaluator's float64 certification, the CPU reference loops
 # of NMF, CKA, clustering, banding) are not run here.
 # Output: each step's lines, then a summary block; the exit status is non-zero when a step failed.
@@ -20,10 +22,16 @@ cd "$(dirname "$0")/.."
 if [ "${1:-}" = "--prepare" ]; then
   mkdir -p .gpu
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
-  for f in mobilenet_v2-b0353104.pth efficientnet-lite0-57934424.pth; do
+  rm -f .gpu/efficientnet-lite0-57934424.pth   # an earlier --prepare copied it; it no longer fits
+  for f in mobilenet_v2-b0353104.pth; do
     src=$(find .venv/lib -name "$f" 2>/dev/null | head -1)
     [ -n "$src" ] && cp "$src" .gpu/ && echo "gpu_check: .gpu/$f"
   done
+  # what the device tool sends: tracked and untracked-not-ignored files, and the carried .gpu/
+  kib=$( { git ls-files -z --cached --others --exclude-standard; find .gpu -type f -print0; } |
+         xargs -0 du -k --apparent-size 2>/dev/null | awk '{s += $1} END {print s}')
+  echo "gpu_check: the working tree with .gpu/ is $(( kib / 1024 )) MiB (the device tool's limit: 64 MiB)"
+  [ "$kib" -le $(( 64 * 1024 )) ] || { echo "gpu_check: too large to carry" >&2; exit 1; }
   exit 0
 fi
 
@@ -31,7 +39,7 @@ PY=python3
 if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
   PY=.venv/bin/python
 fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" NETANATOMY_PROGRESS=0 PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" NETANATOMY_PROGRESS=0 PYTHONUNBUFFERED=1 NETANATOMY_DEBUG=1
 if ! $PY -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "gpu_check: no CUDA device for $PY (torch $($PY -c 'import torch; print(torch.__version__)' 2>/dev/null))" >&2
   exit 2

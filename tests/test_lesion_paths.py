@@ -488,3 +488,39 @@ def test_auto_precision_samples_models_with_convolutions_and_says_why():
     assert ev.precision["mode"] == "sampled" and "convolutions" in ev.precision["reason"]
     assert LesionEvaluator(model, layer, x, y, num_classes=3, refine=True,
                            precision="certified").precision["mode"] == "certified"
+
+
+def _tf32_settings():
+    return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cudnn, "conv"), reason="torch without the fp32_precision settings")
+def test_ieee_float32_turns_tf32_off_on_cuda_only_and_gives_the_settings_back():
+    from netanatomy.util.devices import ieee_float32
+
+    before = _tf32_settings()
+    assert before[0] == "tf32"   # PyTorch's default for cuDNN convolutions: the reason for the switch
+    with ieee_float32("cpu"):
+        assert _tf32_settings() == before
+    with pytest.raises(KeyError), ieee_float32("cuda"):   # the flags can be set without a GPU
+        assert _tf32_settings() == ("ieee", "ieee")
+        raise KeyError
+    assert _tf32_settings() == before
+
+
+def test_lesion_counts_run_without_tf32(monkeypatch):
+    from contextlib import contextmanager
+
+    seen = []
+
+    @contextmanager
+    def recording(device):
+        seen.append(str(device))
+        yield
+
+    monkeypatch.setattr(lesion_module, "ieee_float32", recording)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    layer = discover_layers(model, (6,)).resolve("2")
+    ev = LesionEvaluator(model, layer, torch.randn(8, 6), torch.randint(0, 3, (8,)), num_classes=3)
+    ev.correct(torch.ones(2, 5))
+    assert seen == ["cpu"]

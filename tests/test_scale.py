@@ -68,6 +68,13 @@ def test_ray_flag_without_ray_installed_is_exit_2(monkeypatch, capsys):
     assert "pip install 'netanatomy[ray]'" in err and len(err.splitlines()) == 1
 
 
+def test_ray_with_a_numbered_gpu_is_refused_before_ray_starts():
+    from netanatomy.scale import make_runner
+
+    with pytest.raises(UsageError, match="use --device cuda$"):
+        make_runner("local", device="cuda:1")   # a task sees its GPU as cuda:0
+
+
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'netanatomy[ray]'")
 
 

@@ -32,15 +32,17 @@ __all__ = ["compare_models", "recurrence_between", "reinitialized"]
 
 def reinitialized(module: nn.Module, seed: int) -> nn.Module:
     """A copy of `module` with every parameter drawn afresh by its layer's own initializer
-    (`reset_parameters`; batch norm statistics reset too): the same architecture, no training."""
-    fresh = copy.deepcopy(module)
+    (`reset_parameters`; batch norm statistics reset too): the same architecture, no training.
+    The draws run on the CPU's generator, so a seed gives the same null model on any device."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    fresh = copy.deepcopy(module).cpu()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for m in fresh.modules():
             reset = getattr(m, "reset_parameters", None)
             if callable(reset):
                 reset()
-    return fresh.eval()
+    return fresh.to(device).eval()
 
 
 def _values(module: nn.Module, layers: Sequence, x: torch.Tensor, stage: str, reduce: str) -> list[np.ndarray]:

@@ -23,6 +23,7 @@ from typing import Any
 from ..errors import UsageError
 from ..labs.stages import run_stage
 from ..scale import TaskStore
+from ..util.devices import synchronize
 from ..util.io import write_json
 from ..util.progress import progress
 from . import parts as P
@@ -246,8 +247,10 @@ def _forward_seconds(loaded, dataset, device: str) -> float:
     module = loaded.module.eval()
     with torch.no_grad():
         module(x[:2].to(device))
+        synchronize(device)
         began = time.perf_counter()
         module(x.to(device))
+        synchronize(device)   # a CUDA call returns before its work is done
     return (time.perf_counter() - began) / max(1, x.shape[0])
 
 

@@ -141,6 +141,10 @@ def make_runner(ray: str | None = None, *, device: Any = None, jobs: int = 1) ->
     if ray:
         from .ray_backend import RayRunner
 
+        if _is_cuda(device) and str(device).partition(":")[2] not in ("", "0"):
+            raise UsageError(f"--device {device} with --ray: Ray gives each task a GPU of its own, which the "
+                             "task sees as cuda:0; use --device cuda")
+
         return RayRunner(None if ray == "local" else ray, gpus=1 if _is_cuda(device) else 0)
     if jobs < 1:
         raise UsageError(f"jobs must be at least 1, got {jobs}")

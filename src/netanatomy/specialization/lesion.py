@@ -94,7 +94,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..errors import UsageError
 from ..models.layers import Layer, Tracer
 from ..models.layout import channels_last, prefers_channels_last
-from ..util.devices import one_thread
+from ..util.devices import ieee_float32, one_thread
 from ..util.seeding import derive
 
 # What a unit's output is (see the module docstring): the kinds of steps come from the one list
@@ -226,6 +226,7 @@ class LesionEvaluator:
             raise UsageError(f"masks must be [M, {self.layer.units}] for layer {self.layer.name}")
         out = torch.zeros((masks.shape[0], self.num_classes), dtype=torch.long)
         with torch.no_grad(), _evaluation(*self._models()), ExitStack() as stack:
+            stack.enter_context(ieee_float32(self.device))   # no TF32: the counts must be float64's
             for model in self._models():
                 stack.enter_context(channels_last(model, enabled=prefers_channels_last(model, self.device)))
             if self._bounds is not None:
