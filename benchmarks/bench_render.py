@@ -25,7 +25,9 @@ loss is a sum over images, so a unit's batched image is mathematically its one-a
 Numerically, batched kernels round differently, and hundreds of Adam steps (which normalize
 away the size of tiny gradients) let those differences grow: identical to 1e-7 after 8 steps,
 a few hundredths of a pixel value after 64. So agree = every reference unit reaches the same
-objective value within 1% batched and alone; max and mean |pixel difference| are reported.
+objective value within 1% batched and alone; max and mean |pixel difference| are reported. On
+CUDA, whose cuDNN runs float32 convolutions in TF32 by default (kept: it is what users time),
+within 2% or 0.02, the GPU test's rule (docs/methods.md, Scale).
 
 Last stdout line: one JSON object (benchmark, ours_s, reference_s, speedup, agree, configs).
 """
@@ -62,6 +64,8 @@ def measure(shape: tuple[int, int, int], units: int, n_ref: int, steps: int, see
     mean_diff = max(float((s.images[0] - batched.images[i]).abs().mean()) for i, s in enumerate(singles))
     value_rel = max(abs(float(s.values[0]) - float(batched.values[i])) / max(abs(float(s.values[0])), 1e-6)
                     for i, s in enumerate(singles))
+    value_abs = max(abs(float(s.values[0]) - float(batched.values[i])) for i, s in enumerate(singles))
+    agree = value_rel < 0.01 or (str(device).startswith("cuda") and (value_rel < 0.02 or value_abs < 0.02))
     name = "x".join(map(str, shape))
     print(f"zoo:minception {name}, layer mixed2, {units} units, {steps} steps")
     print(f"  batched:       {ours_s:7.2f} s = {ours_s / units:.3f} s/unit; {steps / ours_s:.2f} batch steps/s "
@@ -72,7 +76,7 @@ def measure(shape: tuple[int, int, int], units: int, n_ref: int, steps: int, see
           f"(mean {mean_diff:.1e}), max relative objective diff {value_rel:.1e}")
     return {
         "config": name, "ours_s": round(ours_s, 4), "reference_s": round(reference_s, 4),
-        "speedup": round(reference_s / ours_s, 2), "agree": bool(value_rel < 0.01), "max_abs_diff": diff,
+        "speedup": round(reference_s / ours_s, 2), "agree": bool(agree), "max_abs_diff": diff,
         "mean_abs_diff": mean_diff,
         "max_rel_value_diff": value_rel, "ours_image_steps_per_s": round(steps * units / ours_s, 2),
         "reference_image_steps_per_s": round(steps / ref_per_unit, 2),
@@ -105,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({
         "benchmark": "render", "ours_s": primary["ours_s"], "reference_s": primary["reference_s"],
         "speedup": primary["speedup"], "agree": all(r["agree"] for r in results),
-        "agree_rule": "objective value of each unit batched == alone (same seed) within 1%",
+        "agree_rule": "objective value of each unit batched == alone (same seed) within 1% "
+                      "(on CUDA, TF32: within 2% or 0.02)",
         "primary": primary["config"], "configs": results, "units": args.units, "reference_units": n_ref,
         "reference_extrapolated": True, "steps": steps, "threads": args.threads, "device": args.device,
     }))

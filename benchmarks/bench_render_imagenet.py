@@ -19,7 +19,8 @@ jitter 4, Adam lr 0.05).
 
 Rates are image-steps per second. agree: on ours' final images, our objective values equal the
 plain way's (the whole network run NCHW, the layer read by a hook, the channel's mean) within
-1e-4 relative. The objective each loop reaches is printed too; the two loops draw different
+1e-4 relative (on CUDA 1e-2: cuDNN runs float32 convolutions in TF32 by default, about 1e-3 off,
+and the two runs may pick different algorithms). The objective each loop reaches is printed too; the two loops draw different
 random transforms, so equal values are not expected there.
 
 `--device cuda` runs all three on a GPU (benchmarks/gpu_check.sh); there ours renders the whole
@@ -193,7 +194,7 @@ def main() -> None:
     plain_values = grabbed["x"].mean((2, 3)).diagonal().double().cpu()
     ours_values = torch.as_tensor(ours.values, dtype=torch.float64)
     rel = float(((ours_values - plain_values).abs() / plain_values.abs().clamp_min(1e-6)).max())
-    agree = rel < 1e-4
+    agree = rel < (1e-2 if dev.type == "cuda" else 1e-4)
     print(f"zoo:mobilenet_v2-imagenet {LAYER}, {args.units} units, 224 px, {args.steps} steps, "
           f"{torch.get_num_threads()} thread(s)")
     print(f"  ours (one batch):        {ours_s:8.2f} s  {ours_rate:6.1f} image-steps/s")

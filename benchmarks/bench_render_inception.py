@@ -10,7 +10,8 @@ mixed3a..mixed5b is `all_units_512_steps_s`, an extrapolation from the sample
 
 ours: those batches. reference: the same render one image at a time (batch of one), for
 `--reference-units` units of mixed4a, extrapolated per unit to the same work.
-agree: each reference unit reaches the same objective batched and alone within 1%.
+agree: each reference unit reaches the same objective batched and alone within 1% (on CUDA,
+whose cuDNN runs float32 convolutions in TF32 by default: within 2% or 0.02, as the GPU test).
 
 Meant for a GPU (`--device cuda`, as benchmarks/gpu_check.sh runs it); on a CPU use --quick.
 Last stdout line: one JSON object (benchmark, ours_s, reference_s, speedup, agree, ...).
@@ -91,11 +92,13 @@ def main(argv: list[str] | None = None) -> int:
                       device=args.device, show_progress=False)
     rel = max(abs(float(s.values[0]) - float(together.values[i])) / max(abs(float(s.values[0])), 1e-6)
               for i, s in enumerate(singles))
+    gap = max(abs(float(s.values[0]) - float(together.values[i])) for i, s in enumerate(singles))
+    agree = rel < 0.01 or (str(args.device).startswith("cuda") and (rel < 0.02 or gap < 0.02))
     print(f"mixed4a, {batch} units: batched {ours_s:.2f} s vs one at a time {reference_s:.2f} s "
           f"(extrapolated from {len(objs)}): {reference_s / ours_s:.1f}x; objective batched vs alone within {rel:.1e}")
     print(json.dumps({
         "benchmark": "render_inception", "ours_s": round(ours_s, 3), "reference_s": round(reference_s, 3),
-        "speedup": round(reference_s / ours_s, 2), "agree": bool(rel < 0.01), "device": args.device,
+        "speedup": round(reference_s / ours_s, 2), "agree": bool(agree), "device": args.device,
         "size": args.size, "sample_units": args.units, "sample_steps": args.steps, "layers": per_layer,
         "all_units_512_steps_s": round(estimate, 1), "all_units": total_units, "extrapolated": True,
         "weights": args.weights or "random (same cost)", "sample_s": round(sample_s, 2),
