@@ -380,23 +380,19 @@ def test_render_leaves_weight_layout_and_values_untouched():
     assert all(torch.equal(p, v) for p, (_, _, v) in zip(after, before))
 
 
-def _tf32(t: torch.Tensor) -> torch.Tensor:
-    """t rounded to TF32's 10-bit mantissa (round half up on the 13 dropped bits)."""
-    bits = t.contiguous().view(torch.int32)
-    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+def _simulation():
+    """scripts/simulate_tf32.py, whose TF32 rounding of convolutions the test below uses."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "simulate_tf32.py"
+    spec = importlib.util.spec_from_file_location("simulate_tf32", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-class _TF32(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _tf32(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _tf32(grad)
-
-
-def test_a_render_in_tf32_reaches_the_same_objective(monkeypatch):
+def test_a_render_in_tf32_reaches_the_same_objective():
     """What a GPU's default does to a render (cuDNN runs float32 convolutions in TF32): the
     objective values stay within the GPU test's tolerance of the float32 render."""
     from netanatomy.models import load_model
@@ -404,9 +400,8 @@ def test_a_render_in_tf32_reaches_the_same_objective(monkeypatch):
     objs = [channel("mixed2", u) for u in range(8)]
     exact = render(load_model("zoo:minception-fmnist").module, objs, steps=16, seed=0, show_progress=False)
     other = render(load_model("zoo:minception-fmnist").module, objs, steps=16, seed=1, show_progress=False)
-    conv = nn.Conv2d._conv_forward
-    monkeypatch.setattr(nn.Conv2d, "_conv_forward", lambda self, x, w, b: conv(self, _TF32.apply(x), _TF32.apply(w), b))
-    rounded = render(load_model("zoo:minception-fmnist").module, objs, steps=16, seed=0, show_progress=False)
+    with _simulation().tf32_convolutions():
+        rounded = render(load_model("zoo:minception-fmnist").module, objs, steps=16, seed=0, show_progress=False)
     assert not torch.equal(rounded.images, exact.images)   # the rounding took effect
     np.testing.assert_allclose(rounded.values, exact.values, rtol=0.02, atol=0.02)
     # the pictures drift, but stay nearer to the float32 render than another seed's
