@@ -39,6 +39,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from netanatomy.util.devices import synchronize
+
 LAYER = "block8_expand"
 
 
@@ -86,11 +88,6 @@ def plain_render(model, layer_module, unit: int, steps: int, size: int = 224, se
     return value
 
 
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def ceiling_rate(model, layer_module, batch: int, steps: int, channels_last: bool, size: int = 224,
                  device: str = "cpu") -> float:
     """forward (stopped at the layer) + backward to the input, image-steps per second."""
@@ -117,7 +114,7 @@ def ceiling_rate(model, layer_module, batch: int, steps: int, channels_last: boo
         with layout(model, enabled=channels_last):
             for i in range(steps + 1):
                 if i == 1:
-                    _sync(device)
+                    synchronize(device)
                     started = time.perf_counter()
                 try:
                     model(x)
@@ -125,7 +122,7 @@ def ceiling_rate(model, layer_module, batch: int, steps: int, channels_last: boo
                     pass
                 grabbed["x"].mean().backward()
                 x.grad = None
-        _sync(device)
+        synchronize(device)
         elapsed = time.perf_counter() - started
     finally:
         handle.remove()

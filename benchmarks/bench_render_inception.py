@@ -24,12 +24,9 @@ import time
 
 import torch
 
+from netanatomy.util.devices import synchronize
+
 MIXED = ("mixed3a", "mixed3b", "mixed4a", "mixed4b", "mixed4c", "mixed4d", "mixed4e", "mixed5a", "mixed5b")
-
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         units = layer_map.resolve(name).units
         n = min(args.units, units)
         objs = [channel(name, u) for u in range(n)]
-        _sync(args.device)
+        synchronize(args.device)
         began = time.perf_counter()
         render(model, objs, steps=args.steps, size=args.size, device=args.device, show_progress=False)
-        _sync(args.device)
+        synchronize(args.device)
         seconds = time.perf_counter() - began
         sample_s += seconds
         rate = n * args.steps / seconds
@@ -78,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # batched vs one image at a time on mixed4a
     objs = [channel("mixed4a", u) for u in range(args.reference_units)]
-    _sync(args.device)
+    synchronize(args.device)
     began = time.perf_counter()
     singles = [render(model, [o], steps=args.steps, size=args.size, device=args.device, show_progress=False)
                for o in objs]
-    _sync(args.device)
+    synchronize(args.device)
     ref_per_unit = (time.perf_counter() - began) / len(objs)
     batch = min(args.units, layer_map.resolve("mixed4a").units)
     mixed4a = next(p for p in per_layer if p["layer"] == "mixed4a")

@@ -13,9 +13,9 @@ arrives so that a stopped run resumes (and a longer run re-uses a shorter one's 
 from __future__ import annotations
 
 import math
-from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 

@@ -40,8 +40,8 @@ import torch
 
 from ..errors import UsageError, suggest
 from ..models.zoo.bandingnet import VARIANTS
-from ..util.figures import pyplot
 from ..scale import Runner
+from ..util.figures import pyplot
 from ..util.io import file_stem, save_figure, write_json, write_text
 from .stages import StageResult, fmt, machine_record, quiet, run_stage, train_stage, with_overrides
 
@@ -337,7 +337,7 @@ def task_row(task: Task, trained: StageResult, measured: StageResult) -> dict[st
 # The whole lab
 
 
-def _lab_task(context: tuple[str, BandingSettings, str, dict[str, LabData], bool, Callable[[str], None] | None],
+def _lab_task(context: tuple[str, BandingSettings, str, dict[str, LabData], bool, Callable[[str], None]],
               task: Task) -> dict[str, Any]:
     out, settings, device, data, show_progress, log = context
     return run_task(out, task, settings, device=device, show_progress=show_progress, log=log, data=data[task.data])
@@ -370,7 +370,7 @@ def run_banding(out: str | Path, settings: BandingSettings = FULL, *, device: st
     bar = progress(total=len(tasks), desc="lab banding", unit="net", disable=None if show_progress else True)
     runner = runner or make_runner(jobs=jobs)
     here = runs_here(runner)   # bars and log lines only from this process
-    context = (str(out), settings, str(device), data, show_progress and here, say if here else None)
+    context = (str(out), settings, str(device), data, show_progress and here, say if here else quiet)
     try:
         ordered = map_tasks(_lab_task, tasks, context=context, runner=runner, on_result=lambda t, r: bar.update(1))
     finally:

@@ -40,9 +40,9 @@ import torch
 from torch import Tensor
 
 from ..errors import UsageError
+from ..scale import Runner
 from ..util.devices import one_thread
 from ..util.figures import pyplot
-from ..scale import Runner
 from ..util.io import write_json, write_text
 from .stages import StageResult, fmt, machine_record, quiet, run_stage, train_stage, with_overrides
 

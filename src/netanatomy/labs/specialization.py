@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from ..errors import UsageError
-from ..util.io import read_json, write_json, write_text
 from ..scale import Runner, TaskStore
+from ..util.io import read_json, write_json, write_text
 from ..util.progress import progress
 from .stages import StageResult, fmt, machine_record, quiet, run_stage, with_overrides
 

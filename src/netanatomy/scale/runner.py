@@ -8,8 +8,9 @@ do not depend on where or in which order tasks run; `map_tasks` returns them in 
 
 - `InProcess`: the tasks one after the other, here (the default; no pickling).
 - `Processes(jobs)`: spawned local processes, the context sent once to each (the labs' `--jobs`).
-- `RayRunner(address)`: one Ray actor per worker (`ray_backend.py`), started on a local Ray
-  instance or joined to a cluster; a lost worker's actor restarts and its task runs again.
+- `RayRunner(address)`: Ray tasks (`ray_backend.py`) on a local Ray instance or a cluster; the
+  context goes into Ray's object store once and each worker keeps it after its first task; a
+  task whose worker is lost runs again on another.
 
 With a `TaskStore`, finished tasks are written as their results arrive and skipped on the
 next run, so a run stopped for any reason (a lost node, a killed job) resumes.

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.clusterability import Clusterability, clusterability
+from ..core.clusterability import Clusterability, clusterability, shuffle_seed
 from ..core.graphs import NeuronGraph, activation_graph
 from ..core.shuffle import METHODS, shuffle_weight
 from ..errors import UsageError
@@ -108,7 +108,7 @@ class ActivationShuffles:
         return activation_graph(values)
 
     def __call__(self, i: int) -> NeuronGraph:
-        return self.graph_of(shuffled_model(self.model, self.method, derive(self.seed, "shuffle", i)))
+        return self.graph_of(shuffled_model(self.model, self.method, shuffle_seed(self.seed, i)))
 
 
 def activation_layers(layer_map: LayerMap, layers: Sequence[str] | None = None) -> list[str]:

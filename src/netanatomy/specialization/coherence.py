@@ -38,6 +38,7 @@ from torch import nn
 from ..core.graphs import spearman_squared
 from ..core.stats import benjamini_hochberg, fisher_combine, label_entropy, percentile_pvalue
 from ..errors import UsageError
+from ..scale import Runner, TaskStore
 from .subclusters import Cluster, SubCluster, random_sets, sub_clusters
 
 KINDS = ("dataset", "correlation", "visualization")
@@ -155,7 +156,7 @@ def visualization_scores(model: nn.Module, sets: Sequence[tuple[str, Sequence[in
                          steps: int = RENDER_STEPS, lr: float = RENDER_LR, seed: int = 0, transforms="scaled",
                          batch_size: int | None = None, input_shape: Sequence[int] | None = None,
                          device: str | torch.device | None = None, show_progress: bool = False,
-                         runner: Any = None, store: Any = None) -> VisualizationScores:
+                         runner: Runner | None = None, store: TaskStore | None = None) -> VisualizationScores:
     """Render the input that maximizes each (layer, units) set's mean pre-activation and score it.
 
     All sets render in one batched optimization (`batch_size` None) or in chunks, the chunks
@@ -260,7 +261,8 @@ def coherence(values: Mapping[str, np.ndarray], labels: np.ndarray | None, clust
               unit_scale: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None, steps: int = RENDER_STEPS,
               lr: float = RENDER_LR, transforms="scaled", input_shape: Sequence[int] | None = None,
               device: str | torch.device | None = None, show_progress: bool = False,
-              batch_size: int | None = None, runner: Any = None, store: Any = None) -> CoherenceResult:
+              batch_size: int | None = None, runner: Runner | None = None,
+              store: TaskStore | None = None) -> CoherenceResult:
     """Coherence of every sub-cluster of `clusters` (see the module docstring).
 
     `values` maps each layer to its per-example values [N, units] (all layers over the same

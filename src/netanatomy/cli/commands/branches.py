@@ -7,6 +7,7 @@ import click
 
 from ..options import (
     check_output,
+    comma_list,
     device_option,
     emit,
     input_shape_option,
@@ -29,7 +30,7 @@ def parse_probes(text: str, channels: int) -> tuple[str, ...]:
         from ...anatomy.probes import default_probes
 
         return default_probes(channels)
-    names = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
+    names = tuple(dict.fromkeys(comma_list(text)))
     bad = [p for p in names if p not in PROBE_NAMES]
     if bad or not names:
         raise click.BadParameter(f"unknown probe {bad[0] if bad else text!r}; use auto, none or a list of "

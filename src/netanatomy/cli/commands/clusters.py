@@ -7,6 +7,7 @@ from ..options import (
     check_output,
     cli_runner,
     cli_task_store,
+    comma_list,
     device_option,
     emit,
     input_shape_option,
@@ -62,7 +63,7 @@ def command(model, weights, model_args, input_shape, graph_kind, data, k, shuffl
     loaded = load_cli_model(model, weights, model_args, device, input_shape, seed=seed)
     dataset = open_cli_data(data, "test", loaded, seed=seed) if graph_kind == "activations" else None
     layer_map = discover_layers(loaded.module, loaded.input_shape)
-    layer_names = [layer_map.resolve(n).name for n in layers.split(",") if n.strip()] if layers else None
+    layer_names = [layer_map.resolve(n).name for n in comma_list(layers)] if layers else None
     if dataset is not None:
         names = activation_layers(layer_map, layer_names)
         units = sum(layer_map.resolve(n).units for n in names)

@@ -7,6 +7,7 @@ from ..options import (
     check_output,
     cli_runner,
     cli_task_store,
+    comma_list,
     device_option,
     emit,
     input_shape_option,
@@ -58,7 +59,7 @@ def command(model, weights, model_args, input_shape, clusters_file, data, n_rand
     from ...specialization.importance import lesionable_layers
     from ...util.io import sha256_of, write_json
 
-    kind_list = [k.strip() for k in kinds.split(",") if k.strip()]
+    kind_list = comma_list(kinds)
     kind_list = list(KINDS) if kind_list == ["all"] else kind_list
     unknown = [k for k in kind_list if k not in KINDS]
     if unknown or not kind_list:

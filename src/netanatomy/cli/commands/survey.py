@@ -6,6 +6,7 @@ import click
 from ..options import (
     check_output,
     cli_runner,
+    comma_list,
     device_option,
     emit,
     input_shape_option,
@@ -64,7 +65,7 @@ def command(model, weights, model_args, input_shape, data, layers, budget, steps
     spec = data or (DEFAULT_DATA if name == DEFAULT_MODEL else
                     "photos?n=1000" + ("" if channels == 3 else f"&channels={channels}"))
     dataset = open_cli_data(spec, "test", loaded, limit=examples, seed=seed)
-    chosen = tuple(x.strip() for x in layers.split(",") if x.strip()) if layers else ()
+    chosen = tuple(comma_list(layers)) if layers else ()
     if chosen:
         from ...models.layers import discover_layers
 
